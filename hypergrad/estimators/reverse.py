@@ -1,0 +1,36 @@
+"""Reverse-mode hypergradients through the whole unroll (Maclaurin et al. 2015, §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from hypergrad.estimators.base import Estimator
+from hypergrad.task import Task
+from hypergrad.unroll import _check_policy, objective
+
+
+def reverse(checkpoint: Any = None) -> Estimator:
+    """Backpropagate the validation loss through all T inner steps.
+
+    Exact up to floating point; memory grows with T unless a checkpoint policy trades it
+    for recomputation.
+
+    Args:
+      checkpoint: ``None`` (store every step), ``"step"`` (store each step's weights and
+        recompute activations) or an integer k (store the weights every k steps).
+
+    Returns:
+      an estimator ``(task, phi, key) -> (value, grad, aux)``; ``grad`` is shaped like
+      ``phi`` and ``aux`` holds ``train_loss``, ``train_losses`` and the trained ``params``.
+    """
+    _check_policy(checkpoint)
+
+    def estimate(task: Task, phi: Any, key: jax.Array):
+        (value, aux), grad = jax.value_and_grad(
+            lambda p: objective(task, p, key, checkpoint=checkpoint), has_aux=True
+        )(phi)
+        return value, grad, aux
+
+    return Estimator(estimate, "reverse", {"checkpoint": checkpoint})

@@ -1,0 +1,108 @@
+"""Differentiable inner optimizers and the inner training step.
+
+An inner optimizer is an optax-style pair of pure functions whose hyperparameters are
+read from ``hparams`` (arrays, so they receive gradients) when the space tunes them, and
+otherwise take the fixed values given to the factory. The inner step is the body of the
+``lax.scan`` in :mod:`hypergrad.unroll`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class InnerOptimizer(NamedTuple):
+    """A differentiable optimizer: ``init(params) -> state`` and
+    ``update(grads, state, params, hparams) -> (updates, state)``; ``params + updates`` is
+    the next iterate. ``reads`` names the hyperparameters it looks up in ``hparams``."""
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree, PyTree, Mapping[str, Any]], tuple[PyTree, PyTree]]
+    reads: tuple[str, ...]
+
+
+class SgdState(NamedTuple):
+    """State of :func:`sgd`: the heavy-ball velocity, shaped like ``params``."""
+
+    velocity: PyTree
+
+
+class InnerState(NamedTuple):
+    """The carry of the unroll: weights and inner-optimizer state."""
+
+    params: PyTree
+    opt_state: PyTree
+
+
+def lookup(hparams: Mapping[str, Any], name: str, default: Any, owner: str) -> Any:
+    """``hparams[name]`` when the space tunes it, else the fixed ``default``."""
+    if name in hparams:
+        return hparams[name]
+    if default is None:
+        raise ValueError(
+            f"{owner} needs {name}: tune it in the HyperSpace or give {owner}({name}=...)"
+        )
+    return default
+
+
+def per_leaf(value: Any, params: PyTree) -> PyTree:
+    """Broadcast a hyperparameter onto the leaves of ``params``.
+
+    A value with the tree structure of ``params`` is used leaf by leaf; anything else (a
+    scalar, or an array that broadcasts against every leaf) is shared by all leaves.
+    """
+    if jax.tree.structure(value) == jax.tree.structure(params):
+        return value
+    return jax.tree.map(lambda _: value, params)
+
+
+def sgd(
+    learning_rate: float | None = None, momentum: float = 0.0, weight_decay: float = 0.0
+) -> InnerOptimizer:
+    """SGD with heavy-ball momentum and L2 weight decay, differentiable in all three.
+
+    ``v <- momentum * v + (g + weight_decay * w)``;  ``w <- w - learning_rate * v``.
+    Each hyperparameter is read from ``hparams`` under its own name when the space tunes
+    it, and otherwise takes the value given here.
+
+    Args:
+      learning_rate: the fixed step size; ``None`` means the space must tune it.
+      momentum: the fixed momentum coefficient.
+      weight_decay: the fixed L2 coefficient.
+    """
+
+    def init(params):
+        return SgdState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params, hparams):
+        lr = per_leaf(lookup(hparams, "learning_rate", learning_rate, "sgd"), params)
+        mu = per_leaf(lookup(hparams, "momentum", momentum, "sgd"), params)
+        wd = per_leaf(lookup(hparams, "weight_decay", weight_decay, "sgd"), params)
+        # Keep the weights' dtype: float32 weights stay float32 under float64 hparams.
+        velocity = jax.tree.map(
+            lambda v, g, w, mu, wd: (mu * v + g + wd * w).astype(w.dtype),
+            state.velocity, grads, params, mu, wd,
+        )
+        updates = jax.tree.map(
+            lambda v, lr: (-lr * v).astype(v.dtype), velocity, lr
+        )
+        return updates, SgdState(velocity)
+
+    return InnerOptimizer(init, update, ("learning_rate", "momentum", "weight_decay"))
+
+
+def train_step(
+    train_loss: Callable, optimizer: InnerOptimizer, hparams: Mapping[str, Any],
+    state: InnerState, batch: PyTree,
+) -> tuple[InnerState, jax.Array]:
+    """One differentiable training step; returns the new state and the batch loss."""
+    loss, grads = jax.value_and_grad(train_loss)(state.params, hparams, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, hparams)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    return InnerState(params, opt_state), loss

@@ -1,0 +1,129 @@
+"""The unroll: T inner steps as one ``lax.scan``, with checkpoint policies.
+
+This is the one place training is run. Estimators differentiate through it (reverse),
+push tangents through it (forward), or run it to convergence (implicit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hypergrad.inner import InnerState, train_step
+from hypergrad.task import Task
+
+PyTree = Any
+
+
+def batch_indices(key: jax.Array, num_examples: int, batch_size: int, steps: int) -> jax.Array:
+    """Minibatch indices ``int32[steps, batch_size]``, a fresh permutation each epoch.
+
+    An epoch is ``num_examples // batch_size`` steps; the remainder of each permutation
+    is dropped so every batch has the same size.
+    """
+    per_epoch = num_examples // batch_size
+    epochs = math.ceil(steps / per_epoch)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num_examples))(
+        jax.random.split(key, epochs)
+    )
+    idx = perms[:, : per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
+    return idx[:steps].astype(jnp.int32)
+
+
+def _check_policy(checkpoint: Any) -> int | None:
+    """Normalize a checkpoint policy to ``None`` (store everything) or a chunk length k."""
+    if checkpoint is None or checkpoint == "none":
+        return None
+    if checkpoint == "step":
+        return 1
+    if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1:
+        return checkpoint
+    raise ValueError(
+        f"checkpoint must be None, 'step' or a positive integer k (every k steps), "
+        f"got {checkpoint!r}"
+    )
+
+
+def _scan(body, carry, xs, length: int, every: int | None):
+    """``lax.scan(body, carry, xs, length)``, rematerialized in chunks of ``every`` steps.
+
+    With ``every = k`` only the carry at every k-th step is kept for the backward pass;
+    each chunk's k steps are recomputed from it (memory ~ T/k + k states).
+    """
+    if every is None:
+        return jax.lax.scan(body, carry, xs, length=length)
+
+    def chunk(c, chunk_xs, n):
+        return jax.lax.scan(body, c, chunk_xs, length=n)
+
+    full, rest = divmod(length, every)
+    split = jax.tree.map(lambda a: a[: full * every].reshape(full, every, *a.shape[1:]), xs)
+    tail = jax.tree.map(lambda a: a[full * every :], xs)
+    outs = []
+    if full:
+        chunk_k = jax.checkpoint(lambda c, x: chunk(c, x, every), prevent_cse=False)
+        carry, ys = jax.lax.scan(chunk_k, carry, split, length=full)
+        outs.append(jax.tree.map(lambda a: a.reshape(full * every, *a.shape[2:]), ys))
+    if rest:
+        chunk_r = jax.checkpoint(lambda c, x: chunk(c, x, rest), prevent_cse=False)
+        carry, ys = chunk_r(carry, tail)
+        outs.append(ys)
+    ys = jax.tree.map(lambda *a: jnp.concatenate(a), *outs) if len(outs) > 1 else outs[0]
+    return carry, ys
+
+
+def unroll(
+    task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any = None
+) -> tuple[PyTree, jax.Array]:
+    """Train for ``task.steps`` inner steps from the task's initial weights.
+
+    Args:
+      task: the bilevel problem.
+      hparams: hyperparameters in natural units.
+      key: decides the initial weights (when ``task.params`` is a function) and the
+        minibatch order; the same key gives the same training run.
+      checkpoint: ``None`` keeps every step's activations for the backward pass;
+        ``"step"`` keeps only each step's weights; an integer k keeps the weights every k
+        steps and recomputes the rest.
+
+    Returns:
+      ``(params_T, train_losses)``, the trained weights and each step's batch loss.
+    """
+    every = _check_policy(checkpoint)
+    init_key, data_key = jax.random.split(key)
+    params = task.init_params(init_key, hparams)
+    state = InnerState(params, task.optimizer.init(params))
+    data = task.train_data
+
+    if task.batch_size is None:
+        def body(s, _):
+            return train_step(task.train_loss, task.optimizer, hparams, s, data)
+        xs = None
+    else:
+        def body(s, idx):
+            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+            return train_step(task.train_loss, task.optimizer, hparams, s, batch)
+        xs = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
+
+    if xs is None and every is not None:
+        xs = jnp.zeros((task.steps, 0))  # a dummy axis so the steps can be chunked
+    state, losses = _scan(body, state, xs, task.steps, every)
+    return state.params, losses
+
+
+def objective(
+    task: Task, phi: Any, key: jax.Array, *, checkpoint: Any = None
+) -> tuple[jax.Array, dict[str, Any]]:
+    """The outer objective: validation loss after training with ``space.constrain(phi)``.
+
+    Returns:
+      ``(val_loss, aux)`` where ``aux`` holds ``train_loss`` (the last step's batch loss),
+      ``train_losses`` (every step's) and ``params`` (the trained weights).
+    """
+    hparams = task.space.constrain(phi)
+    params, losses = unroll(task, hparams, key, checkpoint=checkpoint)
+    value = task.val_loss(params, hparams, task.val_data)
+    return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}

@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hypergrad as hg
+
+
+def test_round_trip_scalars_and_arrays():
+    space = hg.HyperSpace({
+        "learning_rate": hg.positive(0.1),
+        "momentum": hg.unit(0.9),
+        "slope": hg.bounded(0.25, 0.0, 1.0),
+        "shift": hg.real(-3.0),
+        "per_layer": hg.positive(np.array([0.1, 0.2, 0.3])),
+    })
+    phi = space.init()
+    np.testing.assert_allclose(phi["learning_rate"], np.log(0.1), rtol=1e-15)
+    np.testing.assert_allclose(phi["momentum"], np.log(0.9 / 0.1), rtol=1e-14)
+    np.testing.assert_allclose(phi["slope"], np.log(0.25 / 0.75), rtol=1e-14)
+    assert phi["per_layer"].shape == (3,)
+    hparams = space.constrain(phi)
+    for name, c in space.constraints.items():
+        np.testing.assert_allclose(hparams[name], c.value, rtol=1e-14)
+    back = space.unconstrain(hparams)
+    for name in space.names:
+        np.testing.assert_allclose(back[name], phi[name], rtol=1e-12, atol=1e-14)
+
+
+def test_constrain_is_differentiable_and_stays_in_range():
+    space = hg.HyperSpace({"a": hg.bounded(0.5, -2.0, 3.0), "b": hg.unit(0.3)})
+    # d/dphi of low + w*sigmoid(phi) = w * s * (1 - s)
+    g = jax.grad(lambda p: space.constrain(p)["a"])(space.init())
+    s = (0.5 + 2.0) / 5.0
+    assert g["a"] == pytest.approx(5.0 * s * (1 - s), rel=1e-12)
+    for phi in (-50.0, 50.0):
+        h = space.constrain({"a": jnp.asarray(phi), "b": jnp.asarray(phi)})
+        assert -2.0 <= float(h["a"]) <= 3.0 and 0.0 <= float(h["b"]) <= 1.0
+
+
+def test_init_dtype_follows_default_float():
+    phi = hg.HyperSpace({"lr": hg.positive(0.1)}).init()
+    assert phi["lr"].dtype == jnp.float64  # conftest turns on x64
+    assert hg.HyperSpace({"lr": hg.positive(0.1)}).init(jnp.float32)["lr"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: hg.positive(-0.1), "must be > 0, got -0.1"),
+        (lambda: hg.positive(0.0), "must be > 0"),
+        (lambda: hg.unit(1.0), "strictly between 0 and 1"),
+        (lambda: hg.bounded(2.0, 0.0, 1.0), "strictly between 0 and 1"),
+        (lambda: hg.bounded(0.5, 1.0, 0.0), "low < high"),
+        (lambda: hg.real(float("nan")), "finite"),
+        (lambda: hg.positive(np.array([0.1, -1.0])), "entries in [-1, 0.1]"),
+    ],
+)
+def test_bad_values_are_refused(make, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make()
+
+
+def test_with_values_checks_and_copies():
+    space = hg.HyperSpace({"learning_rate": hg.positive(0.1)})
+    new = space.with_values(learning_rate=0.5)
+    assert new.constraints["learning_rate"].value == 0.5
+    assert space.constraints["learning_rate"].value == 0.1
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        space.with_values(learning_rate=-1.0)
+    with pytest.raises(KeyError, match="unknown hyperparameter"):
+        space.with_values(momentum=0.5)
+
+
+def test_summarize():
+    out = hg.hparams.summarize({"a": jnp.asarray(0.5), "b": jnp.asarray([1.0, 3.0])})
+    assert out == {"a": 0.5, "b": {"mean": 2.0, "min": 1.0, "max": 3.0}}
+
+
+def test_space_rejects_plain_numbers():
+    with pytest.raises(TypeError, match="declared with positive"):
+        hg.HyperSpace({"lr": 0.1})

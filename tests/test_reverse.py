@@ -1,0 +1,143 @@
+"""The reverse estimator against closed forms and central differences (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hypergrad as hg
+
+
+def quadratic_task(alpha, steps, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, n))
+    a = q @ q.T / n + 0.5 * np.eye(n)
+    a /= np.linalg.eigvalsh(a).max()  # so that alpha < 2 keeps gradient descent stable
+    w0 = rng.standard_normal(n)
+
+    def loss(w, hparams, batch):
+        return 0.5 * w @ (jnp.asarray(a) @ w)
+
+    task = hg.Task(params=jnp.asarray(w0), train_loss=loss, val_loss=loss,
+                   train_data=jnp.zeros(1), val_data=jnp.zeros(1),
+                   space=hg.HyperSpace({"learning_rate": hg.positive(alpha)}),
+                   optimizer=hg.inner.sgd(), steps=steps)
+    return task, a, w0
+
+
+@pytest.mark.parametrize("checkpoint", [None, "step", 4])
+@pytest.mark.parametrize("alpha, steps", [(0.3, 10), (0.9, 37)])
+def test_learning_rate_of_gradient_descent_on_a_quadratic(alpha, steps, checkpoint):
+    task, a, w0 = quadratic_task(alpha, steps)
+    value, grad, _ = hg.estimators.reverse(checkpoint)(task, task.space.init(), jax.random.key(0))
+    m = np.eye(len(w0)) - alpha * a
+    w_t = np.linalg.matrix_power(m, steps) @ w0
+    # d f(w_T) / d alpha = -T w_T^T A^2 (I - alpha A)^(T-1) w0; phi = log(alpha).
+    dalpha = -steps * w_t @ a @ a @ np.linalg.matrix_power(m, steps - 1) @ w0
+    np.testing.assert_allclose(value, 0.5 * w_t @ a @ w_t, rtol=1e-12)
+    np.testing.assert_allclose(grad["learning_rate"], alpha * dalpha, rtol=1e-8)
+
+
+def logreg_task(steps=12, batch_size=20, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((60, 5))
+    y = rng.integers(0, 3, 60)
+    xv = rng.standard_normal((30, 5))
+    yv = rng.integers(0, 3, 30)
+    params = {"w": jnp.asarray(0.1 * rng.standard_normal((5, 3))), "b": jnp.zeros(3)}
+
+    def loss(p, hparams, batch):
+        xb, yb = batch
+        logits = xb @ p["w"] + p["b"][None, :]
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+    space = hg.HyperSpace({"learning_rate": hg.positive(0.5), "momentum": hg.unit(0.5),
+                           "weight_decay": hg.positive(1e-2)})
+    return hg.Task(params=params, train_loss=loss, val_loss=loss,
+                   train_data=(jnp.asarray(x), jnp.asarray(y)),
+                   val_data=(jnp.asarray(xv), jnp.asarray(yv)),
+                   space=space, optimizer=hg.inner.sgd(), steps=steps, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [None, 20])
+def test_logistic_regression_against_central_differences(batch_size):
+    task = logreg_task(batch_size=batch_size)
+    records = hg.directional_errors(hg.estimators.reverse(), task, task.space.init(),
+                                    jax.random.key(1))
+    assert [r["name"] for r in records] == ["learning_rate", "momentum", "weight_decay"]
+    for r in records:
+        assert abs(r["analytic"]) > 1e-6, r  # a vanishing gradient would pass trivially
+        assert r["rel_error"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("checkpoint", ["step", 1, 5, 7, 12, 50])
+def test_checkpoint_policies_change_nothing(checkpoint):
+    task = logreg_task(steps=12)
+    phi, key = task.space.init(), jax.random.key(3)
+    v0, g0, _ = hg.estimators.reverse()(task, phi, key)
+    v1, g1, aux = hg.estimators.reverse(checkpoint)(task, phi, key)
+    assert aux["train_losses"].shape == (12,)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for name in phi:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-12)
+
+
+def test_bad_checkpoint_policy():
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        hg.estimators.reverse(checkpoint=0)
+
+
+def test_one_configuration_compiles_once():
+    task = logreg_task()
+    traces, base = [], task.train_loss
+
+    def loss(p, hparams, batch):
+        traces.append(1)
+        return base(p, hparams, batch)
+
+    task = task.replace(train_loss=loss, val_loss=loss)
+    est = jax.jit(hg.estimators.reverse())
+    phi = task.space.init()
+    est(task, phi, jax.random.key(0))
+    n = len(traces)
+    shifted = jax.tree.map(lambda p: p + 0.1, phi)
+    est(task, shifted, jax.random.key(1))
+    # New weights and data of the same shapes are arguments, not constants: no retrace.
+    est(task.replace(params=jax.tree.map(jnp.zeros_like, task.params)), shifted,
+        jax.random.key(2))
+    assert n > 0 and len(traces) == n
+
+
+def test_batches_are_permutations_per_epoch():
+    idx = np.asarray(hg.unroll.batch_indices(jax.random.key(0), 10, 3, 7))
+    assert idx.shape == (7, 3)
+    # three batches per epoch (one example dropped), no repeats within an epoch
+    for epoch in (idx[0:3], idx[3:6]):
+        assert len(set(epoch.ravel())) == 9
+    assert idx.max() < 10
+
+
+def test_params_as_a_function_of_hyperparameters():
+    task = logreg_task()
+    w = task.params
+
+    def init(key, hparams):
+        return jax.tree.map(lambda a: hparams["init_scale"] * a, w)
+
+    space = hg.HyperSpace({**task.space.constraints, "init_scale": hg.positive(2.0)})
+    task = task.replace(params=init, space=space)
+    records = hg.directional_errors(hg.estimators.reverse(), task, space.init(),
+                                    jax.random.key(0))
+    assert max(r["rel_error"] for r in records) <= 1e-6
+
+
+def test_task_validation():
+    task = logreg_task()
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        task.replace(steps=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer in"):
+        task.replace(batch_size=1000)
+    with pytest.raises(ValueError, match="sgd needs learning_rate"):
+        t = task.replace(space=hg.HyperSpace({"momentum": hg.unit(0.5)}))
+        hg.estimators.reverse()(t, t.space.init(), jax.random.key(0))
