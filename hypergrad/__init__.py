@@ -1,6 +1,6 @@
 """hypergrad: gradient-based hyperparameter optimization in JAX."""
 
-from hypergrad import data, estimators, hparams, inner, unroll
+from hypergrad import data, estimators, hparams, inner, models, outer, unroll
 from hypergrad.check import check_hypergrad, directional_errors
 from hypergrad.hparams import Constraint, HyperSpace, bounded, positive, real, unit
 from hypergrad.task import Task

@@ -44,10 +44,6 @@ class Constraint(NamedTuple):
         if not np.all(np.isfinite(v)) or np.any(v <= self.low) or np.any(v >= self.high):
             raise ValueError(f"{name} must be {_describe(self)}, got {_show(value)}")
 
-    def with_value(self, value: Any) -> Constraint:
-        """The same constraint with a new initial value (checked)."""
-        self.check(value)
-        return self._replace(value=value)
 
 
 def _describe(c: Constraint) -> str:
@@ -62,21 +58,19 @@ def _describe(c: Constraint) -> str:
 
 def _show(value: Any) -> str:
     v = np.asarray(value)
-    return f"{v.item():g}" if v.size == 1 else f"an array with entries in [{v.min():g}, {v.max():g}]"
+    if v.size == 1:
+        return f"{v.item():g}"
+    return f"an array with entries in [{v.min():g}, {v.max():g}]"
 
 
 def positive(value: Any) -> Constraint:
     """A positive hyperparameter, optimized as ``phi = log(value)``."""
-    c = Constraint(value, "positive", jnp.exp, jnp.log, 0.0, np.inf)
-    c.check(value)
-    return c
+    return Constraint(value, "positive", jnp.exp, jnp.log, 0.0, np.inf)
 
 
 def unit(value: Any) -> Constraint:
     """A hyperparameter in (0, 1), optimized as ``phi = logit(value)``."""
-    c = Constraint(value, "unit", jax.nn.sigmoid, jax.scipy.special.logit, 0.0, 1.0)
-    c.check(value)
-    return c
+    return Constraint(value, "unit", jax.nn.sigmoid, jax.scipy.special.logit, 0.0, 1.0)
 
 
 def bounded(value: Any, low: float, high: float) -> Constraint:
@@ -85,7 +79,7 @@ def bounded(value: Any, low: float, high: float) -> Constraint:
     if not low < high:
         raise ValueError(f"bounded() needs low < high, got low={low:g}, high={high:g}")
     width = high - low
-    c = Constraint(
+    return Constraint(
         value,
         "bounded",
         lambda phi: low + width * jax.nn.sigmoid(phi),
@@ -93,15 +87,11 @@ def bounded(value: Any, low: float, high: float) -> Constraint:
         low,
         high,
     )
-    c.check(value)
-    return c
 
 
 def real(value: Any) -> Constraint:
     """An unconstrained hyperparameter: ``phi = value``."""
-    c = Constraint(value, "real", lambda phi: phi, lambda v: v, -np.inf, np.inf)
-    c.check(value)
-    return c
+    return Constraint(value, "real", lambda phi: phi, lambda v: v, -np.inf, np.inf)
 
 
 class HyperSpace:
@@ -114,7 +104,8 @@ class HyperSpace:
       hparams = space.constrain(phi)   # {"learning_rate": 0.1, "momentum": 0.5}
 
     Args:
-      constraints: a mapping from hyperparameter name to :class:`Constraint`.
+      constraints: a mapping from hyperparameter name to :class:`Constraint`. Each
+        initial value is checked here, and an error names the hyperparameter.
     """
 
     def __init__(self, constraints: Mapping[str, Constraint]):
@@ -124,6 +115,7 @@ class HyperSpace:
                     f"hyperparameter {name!r} must be declared with positive(), unit(), "
                     f"bounded() or real(), got {type(c).__name__}"
                 )
+            c.check(c.value, name)
         self.constraints: dict[str, Constraint] = dict(constraints)
 
     @property
@@ -164,7 +156,6 @@ class HyperSpace:
             raise KeyError(f"unknown hyperparameter(s) {unknown}; this space has {self.names}")
         new = dict(self.constraints)
         for name, value in values.items():
-            self.constraints[name].check(value, name)
             new[name] = self.constraints[name]._replace(value=value)
         return HyperSpace(new)
 

@@ -102,3 +102,64 @@ def _unflatten(static, children) -> Task:
 
 
 jax.tree_util.register_pytree_node(Task, _flatten, _unflatten)
+
+
+def classification(
+    model: Any, data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
+    loss: str = "mse", optimizer: InnerOptimizer | None = None, slope: float = 0.0,
+) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
+    """A classification task from an NNX model called as ``model(x, slope)``.
+
+    The leaky-ReLU slope is read from ``hparams["leaky_slope"]`` when the space tunes it,
+    and is ``slope`` otherwise. Training and validation use the same loss.
+
+    Args:
+      model: an NNX module (see :mod:`hypergrad.models`).
+      data: a :class:`hypergrad.data.Dataset`.
+      space: the tuned hyperparameters.
+      steps, batch_size: the horizon and the minibatch size (``None`` = full batch).
+      loss: ``"mse"`` on one-hot targets or ``"ce"``.
+      optimizer: the inner optimizer; :func:`hypergrad.inner.sgd` by default.
+      slope: the fixed leaky-ReLU slope when the space does not tune it.
+
+    Returns:
+      ``(task, predict)`` with ``predict(params, hparams, x) -> logits``.
+    """
+    from hypergrad import models
+    from hypergrad.inner import lookup, sgd
+
+    apply, params = models.functional(model)
+    loss_fn = models.loss_by_name(loss)
+
+    def predict(params, hparams, x):
+        return apply(params, x, lookup(hparams, "leaky_slope", slope, "the model"))
+
+    def data_loss(params, hparams, batch):
+        x, y = batch
+        return loss_fn(predict(params, hparams, x), y)
+
+    task = Task(params=params, train_loss=data_loss, val_loss=data_loss,
+                train_data=data.train, val_data=data.val, space=space,
+                optimizer=optimizer or sgd(), steps=steps, batch_size=batch_size)
+    return task, predict
+
+
+def seed_cnn(
+    data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
+    loss: str = "mse", seed: int = 0, channels: tuple[int, ...] = (8, 16, 16),
+    conv: str = "auto", dtype: Any = None,
+) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
+    """The seed CNN (three 3x3 convolutions with leaky ReLU, a dense head) on ``data``.
+
+    Trained by :func:`hypergrad.inner.sgd`, which reads learning rate, momentum and
+    weight decay from ``hparams``; see :func:`classification` for the rest.
+    """
+    from flax import nnx
+
+    from hypergrad.models import SeedCNN
+
+    *image_shape, in_channels = data.input_shape
+    model = SeedCNN(nnx.Rngs(seed), in_channels=in_channels, channels=channels,
+                    num_classes=data.num_classes, image_shape=tuple(image_shape), conv=conv,
+                    param_dtype=dtype or data.train[0].dtype)
+    return classification(model, data, space, steps=steps, batch_size=batch_size, loss=loss)

@@ -47,18 +47,22 @@ def test_init_dtype_follows_default_float():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: hg.positive(-0.1), "must be > 0, got -0.1"),
-        (lambda: hg.positive(0.0), "must be > 0"),
-        (lambda: hg.unit(1.0), "strictly between 0 and 1"),
+        (lambda: hg.positive(-0.1), "lr must be > 0, got -0.1"),
+        (lambda: hg.positive(0.0), "lr must be > 0"),
+        (lambda: hg.unit(1.0), "lr must be strictly between 0 and 1"),
         (lambda: hg.bounded(2.0, 0.0, 1.0), "strictly between 0 and 1"),
-        (lambda: hg.bounded(0.5, 1.0, 0.0), "low < high"),
-        (lambda: hg.real(float("nan")), "finite"),
+        (lambda: hg.real(float("nan")), "lr must be finite"),
         (lambda: hg.positive(np.array([0.1, -1.0])), "entries in [-1, 0.1]"),
     ],
 )
-def test_bad_values_are_refused(make, message):
+def test_bad_values_are_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        make()
+        hg.HyperSpace({"lr": make()})
+
+
+def test_bounded_needs_an_interval():
+    with pytest.raises(ValueError, match="low < high"):
+        hg.bounded(0.5, 1.0, 0.0)
 
 
 def test_with_values_checks_and_copies():

@@ -141,3 +141,42 @@ def test_task_validation():
     with pytest.raises(ValueError, match="sgd needs learning_rate"):
         t = task.replace(space=hg.HyperSpace({"momentum": hg.unit(0.5)}))
         hg.estimators.reverse()(t, t.space.init(), jax.random.key(0))
+
+
+def tiny_cnn_task(conv="matmul"):
+    from hypergrad.task import seed_cnn
+
+    data = hg.data.load("digits", train_size=60, val_size=30, test_size=10,
+                        dtype=jnp.float64)
+    space = hg.HyperSpace({"learning_rate": hg.positive(0.1), "momentum": hg.unit(0.5),
+                           "weight_decay": hg.positive(1e-3),
+                           "leaky_slope": hg.bounded(0.1, 0.0, 1.0)})
+    task, _ = seed_cnn(data, space, steps=8, batch_size=10, channels=(4, 4, 4), conv=conv,
+                       dtype=jnp.float64)
+    return task
+
+
+@pytest.mark.parametrize("conv", ["matmul", "native"])
+def test_tiny_cnn_against_central_differences(conv):
+    task = tiny_cnn_task(conv)
+    records = hg.directional_errors(hg.estimators.reverse(), task, task.space.init(),
+                                    jax.random.key(0))
+    assert sorted(r["name"] for r in records) == sorted(task.space.names)
+    for r in records:
+        assert abs(r["analytic"]) > 1e-6, r
+        assert r["rel_error"] <= 1e-6, r
+
+
+def test_logistic_regression_model_against_central_differences():
+    from flax import nnx
+
+    from hypergrad.task import classification
+
+    data = hg.data.load("digits", train_size=80, val_size=40, test_size=10,
+                        dtype=jnp.float64)
+    model = hg.models.LogisticRegression(nnx.Rngs(0), 64, 10, param_dtype=jnp.float64)
+    space = hg.HyperSpace({"learning_rate": hg.positive(0.5), "momentum": hg.unit(0.5),
+                           "weight_decay": hg.positive(1e-2)})
+    task, _ = classification(model, data, space, steps=10, batch_size=20, loss="ce")
+    assert hg.check_hypergrad(hg.estimators.reverse(), task, space.init(),
+                              jax.random.key(0)) <= 1e-6

@@ -1,0 +1,115 @@
+"""The ``hypergrad`` command: run, list and check experiments.
+
+Bad input (an unknown experiment or key, a value of the wrong type or out of range)
+prints one line naming the problem and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hypergrad.config import ConfigError
+
+DEFAULT_EXPERIMENT = "seed-cnn"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        self.exit(2, f"hypergrad: error: {message} (see `hypergrad --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hypergrad", description="Gradient-based hyperparameter optimization.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(cmd):
+        cmd.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
+                         help=f"experiment name (default {DEFAULT_EXPERIMENT}; see `list`)")
+        cmd.add_argument("--set", dest="sets", action="append", default=[],
+                         metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+    r = sub.add_parser("run", help="tune an experiment's hyperparameters")
+    common(r)
+    r.add_argument("--workdir", help="where the run writes (default runs/NAME-TIME)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("check", help="compare the estimator with finite differences")
+    common(c)
+    c.add_argument("--directions", type=int, default=None,
+                   help="random directions to check (default: every coordinate)")
+    c.add_argument("--tol", type=float, default=1e-6, help="relative-error tolerance")
+    sub.add_parser("list", help="list the experiments")
+    return p
+
+
+def _resolve(name: str, sets: list[str]):
+    from hypergrad import config as config_lib
+    from hypergrad.run import get_experiment
+
+    experiment = get_experiment(name)
+    return experiment, config_lib.override(experiment.config, sets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hypergrad`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from hypergrad.data import DataError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError) as e:
+        print(f"hypergrad: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hypergrad: interrupted; metrics written so far are kept", file=sys.stderr)
+        return 130
+
+
+def _list(args) -> int:
+    from hypergrad.run import experiments
+
+    for name, exp in experiments().items():
+        print(f"{name:20s} {exp.description}")
+    return 0
+
+
+def _run(args) -> int:
+    from hypergrad.run import RunError, run
+
+    experiment, config = _resolve(args.experiment, args.sets)
+    workdir = Path(args.workdir or f"runs/{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run(experiment, config, workdir, progress=not args.quiet)
+    except RunError as e:
+        print(f"hypergrad: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {workdir}")
+    return 0
+
+
+def _check(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # finite differences need float64
+    from hypergrad.run import check
+
+    experiment, config = _resolve(args.experiment, [*args.sets, "dtype=float64"])
+    records = check(experiment, config, directions=args.directions)
+    width = max(len(r["name"]) for r in records)
+    print(f"{'direction':{width}}  {'estimator':>14}  {'central diff':>14}  {'rel error':>9}")
+    for r in records:
+        print(f"{r['name']:{width}}  {r['analytic']:14.7e}  {r['numeric']:14.7e}  "
+              f"{r['rel_error']:9.2e}")
+    worst = max(r["rel_error"] for r in records)
+    verdict = "ok" if worst <= args.tol else "FAILED"
+    print(f"max relative error {worst:.2e} (tolerance {args.tol:g}): {verdict}")
+    return 0 if worst <= args.tol else 1
+
+
+_COMMANDS = {"run": _run, "list": _list, "check": _check}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Typed experiment configs and ``--set key=value`` overrides, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from hypergrad.hparams import HyperSpace
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names it and says what would be right."""
+
+
+OUTERS = ("gd", "ncg", "adam")
+LOSSES = ("mse", "ce")
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Keys every experiment understands. Experiments subclass it, adding their own keys
+    and the initial value of each hyperparameter by name.
+
+    Attributes:
+      steps: inner training steps T per meta-step.
+      meta_steps: hyper-updates in the run.
+      batch_size: examples per inner step; 0 trains on the full batch.
+      outer: the hyper-update: ``gd``, ``ncg`` (nonlinear CG with line search) or ``adam``.
+      outer_lr: the hyper-update's step size (for ``ncg``, the first trial step); ``None``
+        takes the hyper-update's own default (:data:`hypergrad.outer.DEFAULT_LR`).
+      clip: hypergradients with a larger global norm are scaled down to it before a
+        ``gd`` or ``adam`` update (0 turns clipping off); hypergradients of long unrolls
+        spike near the edge of stability, and one spike can throw ``phi`` far away.
+      seed: decides the data split, the initial weights and the minibatch order.
+      data: the dataset name.
+      loss: ``mse`` (on one-hot targets) or ``ce`` (cross-entropy).
+      checkpoint: 0 stores every inner step for the backward pass; k > 0 stores the
+        weights every k steps and recomputes the rest.
+      dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
+    """
+
+    steps: int = 100
+    meta_steps: int = 30
+    batch_size: int = 100
+    outer: str = "gd"
+    outer_lr: float | None = None
+    clip: float = 0.5
+    seed: int = 0
+    data: str = "digits"
+    loss: str = "mse"
+    checkpoint: int = 0
+    dtype: str = "float32"
+
+    def space(self) -> HyperSpace:
+        """The tuned hyperparameters with this config's initial values."""
+        raise NotImplementedError(f"{type(self).__name__} must define space()")
+
+    def validate(self) -> Config:
+        """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        from hypergrad.data import SOURCES  # here, not at import: data imports scikit-learn
+
+        _at_least(self, "steps", 1)
+        _at_least(self, "meta_steps", 1)
+        _at_least(self, "batch_size", 0)
+        _at_least(self, "checkpoint", 0)
+        _at_least(self, "seed", 0)
+        _one_of(self, "outer", OUTERS)
+        _one_of(self, "loss", LOSSES)
+        _one_of(self, "data", tuple(sorted(SOURCES)))
+        _one_of(self, "dtype", DTYPES)
+        if self.outer_lr is not None and not self.outer_lr > 0:
+            raise ConfigError(f"outer_lr must be > 0 (or none for the default), got "
+                              f"{self.outer_lr:g}")
+        if not self.clip >= 0:
+            raise ConfigError(f"clip must be >= 0 (0 turns it off), got {self.clip:g}")
+        try:
+            self.space()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _at_least(config: Config, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+def _one_of(config: Config, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _parse(name: str, text: str, kind: Any) -> Any:
+    """Convert ``text`` to the field's type, or raise a one-line :class:`ConfigError`."""
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {text!r}") from None
+    return text
+
+
+def override(config: Config, assignments: list[str]) -> Config:
+    """Apply ``key=value`` strings to ``config`` and validate the result.
+
+    An unknown key names the closest valid ones; a value is parsed by the field's type.
+    """
+    hints = typing.get_type_hints(type(config))
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(fields))})"
+            )
+        kind, text = hints[key], text.strip()
+        if isinstance(kind, types.UnionType):  # e.g. float | None
+            options = typing.get_args(kind)
+            if type(None) in options and text.lower() == "none":
+                changes[key] = None
+                continue
+            kind = options[0]
+        changes[key] = _parse(key, text, kind)
+    return dataclasses.replace(config, **changes).validate()

@@ -1,0 +1,125 @@
+"""The outer loop: files, metrics, guards against non-finite values, compiling once."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hypergrad as hg
+from hypergrad.config import Config
+from hypergrad.run import Experiment, Problem, RunError, make_meta_step, outer_for, run
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadConfig(Config):
+    steps: int = 10
+    meta_steps: int = 4
+    learning_rate: float = 0.1
+    nan_above: float = 10.0  # the validation loss is NaN for learning rates above this
+
+    def space(self):
+        return hg.HyperSpace({"learning_rate": hg.positive(self.learning_rate)})
+
+
+def quad_build(config):
+    a = jnp.diag(jnp.linspace(0.1, 1.0, 4))
+
+    def loss(w, hparams, batch):
+        return 0.5 * w @ (a @ w)
+
+    def val_loss(w, hparams, batch):
+        v = loss(w, hparams, batch)
+        return jnp.where(hparams["learning_rate"] > config.nan_above, jnp.nan, v)
+
+    task = hg.Task(params=jnp.ones(4), train_loss=loss, val_loss=val_loss,
+                   train_data=jnp.zeros(1), val_data=jnp.zeros(1), space=config.space(),
+                   optimizer=hg.inner.sgd(), steps=config.steps)
+
+    def evaluate(params, hparams):
+        return {"test_loss": loss(params, hparams, None), "test_accuracy": jnp.asarray(1.0)}
+
+    return Problem(task, evaluate)
+
+
+QUAD = Experiment("quad", QuadConfig(), quad_build, "a quadratic")
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_config_metrics_summary_and_figures(tmp_path, capsys):
+    config = QuadConfig(outer="gd", outer_lr=0.5)
+    summary = run(QUAD, config, tmp_path, progress=False)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "val_loss.png", "hparams.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    lines = records(tmp_path)
+    assert [r["meta_step"] for r in lines] == [0, 1, 2, 3]
+    for r in lines:
+        assert set(r) == {"meta_step", "val_loss", "train_loss", "hparams", "hypergrad_norm",
+                          "seconds"}
+    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 0.5
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["initial_val_loss"] == pytest.approx(lines[0]["val_loss"])
+    assert summary["final_val_loss"] < summary["initial_val_loss"]  # a larger lr helps
+    assert summary["final_hparams"]["learning_rate"] > 0.1
+    out = capsys.readouterr().out
+    assert "learning_rate" in out and "val_loss" in out and "test_accuracy" in out
+
+
+def test_refuses_a_workdir_that_holds_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("keep me\n")
+    with pytest.raises(hg.config.ConfigError, match="already holds files"):
+        run(QUAD, QuadConfig(), tmp_path, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_non_finite_values_never_reach_phi(tmp_path):
+    # Plain GD with a huge step jumps into the NaN region; the run must step back, shrink
+    # the step and go on, and every logged hyperparameter must be finite.
+    config = QuadConfig(outer="gd", outer_lr=50.0, clip=0.0, meta_steps=8, nan_above=0.3)
+    summary = run(QUAD, config, tmp_path, progress=False)
+    lines = records(tmp_path)
+    warnings = [r for r in lines if "warning" in r]
+    assert warnings and "rejected" in warnings[0]["warning"]
+    assert len(lines) == 8
+    for r in lines:
+        if "hparams" in r:
+            assert np.isfinite(r["val_loss"]) and r["hparams"]["learning_rate"] <= 0.3
+    assert np.isfinite(summary["final_val_loss"])
+    assert summary["rejected_meta_steps"] == len(warnings)
+
+
+def test_too_many_rejections_stop_the_run_and_keep_the_log(tmp_path):
+    config = QuadConfig(learning_rate=0.5, nan_above=0.3, meta_steps=10)
+    with pytest.raises(RunError, match="in a row were rejected"):
+        run(QUAD, config, tmp_path, progress=False, max_rejections=3)
+    lines = records(tmp_path)
+    assert len(lines) == 3 and all("warning" in r for r in lines)
+
+
+@pytest.mark.parametrize("outer", ["gd", "adam", "ncg"])
+def test_meta_step_compiles_once(outer):
+    traces = []
+    problem = quad_build(QuadConfig())
+    base = problem.task.train_loss
+
+    def loss(w, hparams, batch):
+        traces.append(1)
+        return base(w, hparams, batch)
+
+    task = problem.task.replace(train_loss=loss)
+    config = QuadConfig(outer=outer)
+    opt = outer_for(config)
+    meta_step = make_meta_step(hg.estimators.reverse(), opt)
+    phi = task.space.init()
+    state = opt.init(phi)
+    key, scale = jax.random.key(0), jnp.asarray(1.0)
+    phi, state, _ = meta_step(task, phi, state, key, scale)
+    n = len(traces)
+    phi, state, m = meta_step(task, phi, state, key, scale)
+    assert n > 0 and len(traces) == n
+    assert bool(m["accepted"])
