@@ -13,6 +13,8 @@ from jax.flatten_util import ravel_pytree
 from hypergrad.task import Task
 from hypergrad.unroll import objective
 
+MAX_COORDINATES = 16
+
 
 def directional_errors(
     est: Any, task: Task, phi: Any, key: jax.Array, *, directions: int | None = None,
@@ -29,8 +31,9 @@ def directional_errors(
     Args:
       est: an estimator ``(task, phi, key) -> (value, grad, aux)``.
       task, phi, key: the point to check; ``f`` is the validation loss after training.
-      directions: ``None`` checks every coordinate of ``phi``; an integer checks that many
-        random unit directions (drawn with ``seed``).
+      directions: how many random unit directions to check (drawn with ``seed``);
+        ``None`` checks every coordinate of ``phi`` when it has at most
+        :data:`MAX_COORDINATES` entries, and that many random directions otherwise.
       eps: the finite-difference step(s) in ``phi``; by default ``1e-4 ... 1e-7`` in
         float64 and ``1e-2, 1e-3`` in lower precision, where this is only a rough check.
 
@@ -46,6 +49,8 @@ def directional_errors(
     g = np.asarray(ravel_pytree(grad)[0], dtype=np.float64)
     f = jax.jit(lambda p: objective(task, p, key)[0])
 
+    if directions is None and flat.size > MAX_COORDINATES:
+        directions = MAX_COORDINATES
     if directions is None:
         names = _coordinate_names(phi)
         basis = np.eye(flat.size)

@@ -22,7 +22,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
 
     ``val_loss.png``: validation loss per meta-step. ``hparams.png``: one panel per
     hyperparameter with its trajectory (the mean, for array-valued ones), on a log axis
-    where the values are positive.
+    where the values are positive and span more than a factor of 3.
     """
     import matplotlib
 
@@ -51,7 +51,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
         for ax, name in zip(axes[0], names, strict=True):
             values = [_scalar(r["hparams"][name]) for r in records]
             ax.plot(steps, values, marker=".")
-            if min(values) > 0:
+            if min(values) > 0 and max(values) > 3 * min(values):
                 ax.set_yscale("log")
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("meta-step")
