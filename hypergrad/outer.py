@@ -387,8 +387,11 @@ def nonlinear_cg(
             prev_grad=g,
             prev_direction=d,
             prev_slope=slope,
-            # A zero gradient accepts step 0; keep the old scale for the next trial.
-            step_scale=jnp.where(failed, s.alpha, jnp.where(step > 0, step, state.step_scale)),
+            # After a failure the next search starts afresh from `learning_rate` (starting
+            # from the last, tiny backtracked step would fail at once, for ever); a zero
+            # gradient accepts step 0 and keeps the old scale.
+            step_scale=jnp.where(failed, jnp.asarray(learning_rate, dtype),
+                                 jnp.where(step > 0, step, state.step_scale)),
             step_size=step,
             value=jnp.where(failed, f0, s.f_best),
             num_evals=s.num_evals,
