@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(cmd):
-        cmd.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
+        cmd.add_argument("experiment", nargs="?", default=None,
                          help=f"experiment name (default {DEFAULT_EXPERIMENT}; see `list`)")
         cmd.add_argument("--set", dest="sets", action="append", default=[],
                          metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="tune an experiment's hyperparameters")
     common(r)
     r.add_argument("--workdir", help="where the run writes (default runs/NAME-TIME)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("check", help="compare the estimator with finite differences")
     common(c)
@@ -55,6 +57,9 @@ def _resolve(name: str, sets: list[str]):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hypergrad`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in ("run", "check"):
+        args.experiment_given = args.experiment is not None
+        args.experiment = args.experiment or DEFAULT_EXPERIMENT
     from hypergrad.data import DataError
 
     try:
@@ -62,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"hypergrad: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hypergrad: interrupted; metrics written so far are kept", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run loop took over the signals
+        print("hypergrad: interrupted", file=sys.stderr)
         return 130
 
 
@@ -76,15 +81,26 @@ def _list(args) -> int:
 
 
 def _run(args) -> int:
-    from hypergrad.run import RunError, run
+    from hypergrad.run import Interrupted, RunError, resume_config, run
 
-    experiment, config = _resolve(args.experiment, args.sets)
-    workdir = Path(args.workdir or f"runs/{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        if not args.workdir:
+            raise ConfigError("--resume needs the --workdir of the run to continue")
+        named = args.experiment if args.experiment_given else None
+        experiment, config = resume_config(args.workdir, args.sets, named)
+        workdir = Path(args.workdir)
+    else:
+        experiment, config = _resolve(args.experiment, args.sets)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        workdir = Path(args.workdir or f"runs/{experiment.name}-{stamp}")
     try:
-        run(experiment, config, workdir, progress=not args.quiet)
+        run(experiment, config, workdir, progress=not args.quiet, resume=args.resume)
     except RunError as e:
-        print(f"hypergrad: error: {e}", file=sys.stderr)
+        print(f"hypergrad: error: {e} (checkpoint saved in {workdir})", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"hypergrad: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"wrote {workdir}")
     return 0
 

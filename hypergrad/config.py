@@ -41,6 +41,8 @@ class Config:
       checkpoint: 0 stores every inner step for the backward pass; k > 0 stores the
         weights every k steps and recomputes the rest.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
+      save_every: meta-steps between checkpoints of the run (it also saves at the end,
+        on SIGINT/SIGTERM and before stopping on an error).
     """
 
     steps: int = 100
@@ -54,6 +56,7 @@ class Config:
     loss: str = "mse"
     checkpoint: int = 0
     dtype: str = "float32"
+    save_every: int = 5
 
     def space(self) -> HyperSpace:
         """The tuned hyperparameters with this config's initial values."""
@@ -68,6 +71,7 @@ class Config:
         _at_least(self, "batch_size", 0)
         _at_least(self, "checkpoint", 0)
         _at_least(self, "seed", 0)
+        _at_least(self, "save_every", 1)
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
         _one_of(self, "data", tuple(sorted(SOURCES)))
@@ -150,3 +154,15 @@ def override(config: Config, assignments: list[str]) -> Config:
             kind = options[0]
         changes[key] = _parse(key, text, kind)
     return dataclasses.replace(config, **changes).validate()
+
+
+def from_dict(default: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """A config of ``default``'s type from a dict such as a run's ``config.json``.
+
+    Each value goes through the same parsing and validation as ``--set``, so a
+    hand-edited file cannot smuggle in a value of the wrong type.
+    """
+    try:
+        return override(default, [f"{key}={value}" for key, value in values.items()])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

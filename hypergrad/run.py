@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -94,6 +95,15 @@ def outer_for(config: Config) -> optax.GradientTransformationExtraArgs:
     return opt
 
 
+def build(experiment: Experiment, config: Config) -> Problem:
+    """Build the experiment's problem; a value the data or model rejects (a batch larger
+    than the training set, say) becomes a :class:`ConfigError`."""
+    try:
+        return experiment.build(config)
+    except ValueError as e:  # DataError included
+        raise ConfigError(str(e)) from None
+
+
 def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
     """One meta-step as one jitted function: hypergradient, hyper-update, guard.
 
@@ -118,6 +128,7 @@ def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
         phi_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_phi, phi)
         state_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, opt_state)
         metrics = {
+            **_line_search(new_state),
             "val_loss": value,
             "train_loss": aux["train_loss"],
             "hypergrad_norm": optax.tree.norm(grad),
@@ -128,6 +139,16 @@ def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
         return phi_out, state_out, metrics
 
     return jax.jit(meta_step)
+
+
+def _line_search(state: PyTree) -> dict[str, Any]:
+    """The nonlinear-CG line search's outcome, if the hyper-update has one."""
+    is_ncg = lambda x: isinstance(x, outer_lib.NonlinearCGState)  # noqa: E731
+    for s in jax.tree.leaves(state, is_leaf=is_ncg):
+        if is_ncg(s):
+            return {"line_search": {"step": s.step_size, "evals": s.num_evals,
+                                    "failed": s.failed}}
+    return {}
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -158,38 +179,133 @@ def _fmt(hparams: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+CHECKPOINT = "checkpoint.npz"
+RESUMABLE_KEYS = ("meta_steps",)  # the only keys a resumed run may change
+
+
 def prepare_workdir(workdir: Path) -> None:
-    """Create ``workdir``; refuse one that already holds a run (nothing is overwritten)."""
+    """Create ``workdir``; refuse one that already holds files (nothing is overwritten)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is not a directory; choose another --workdir")
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(
-            f"workdir {workdir} already holds files; choose another --workdir or remove it"
+            f"workdir {workdir} already holds files; pass --resume to continue that run, "
+            "or choose another --workdir"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create workdir {workdir}: {e.strerror}") from None
+
+
+def resume_config(workdir: str | Path, assignments: list[str],
+                  name: str | None = None) -> tuple[Experiment, Config]:
+    """The experiment and config of the run in ``workdir``, with ``assignments`` applied.
+
+    Only :data:`RESUMABLE_KEYS` may change; ``name``, if given, must match the run's.
+    """
+    from hypergrad.config import from_dict, override
+
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no run to resume in {workdir} (no config.json); "
+                          "start it without --resume")
+    try:
+        saved = json.loads(path.read_text())
+        saved_name = saved.pop("experiment")
+    except (OSError, ValueError, KeyError, AttributeError):
+        raise ConfigError(f"{path} is unreadable; the run cannot be resumed") from None
+    if name is not None and name != saved_name:
+        raise ConfigError(f"{workdir} holds a run of {saved_name!r}, not {name!r}")
+    experiment = get_experiment(saved_name)
+    old = from_dict(experiment.config, saved, source=str(path))
+    new = override(old, assignments)
+    changed = [k for k, v in new.to_dict().items()
+               if v != old.to_dict()[k] and k not in RESUMABLE_KEYS]
+    if changed:
+        what = ", ".join(f"{k} {old.to_dict()[k]!r} -> {new.to_dict()[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume with a changed config ({what}); only "
+                          f"{', '.join(RESUMABLE_KEYS)} may change")
+    return experiment, new
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between meta-steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Interrupted(RuntimeError):
+    """The run stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines of ``path`` (atomically); drop the rest."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if len(lines) < keep:
+        raise ConfigError(f"{path} has {len(lines)} lines but its checkpoint expects "
+                          f"{keep}; the run cannot be resumed")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines[:keep]))
+    os.replace(tmp, path)
 
 
 def run(
     experiment: Experiment, config: Config, workdir: str | Path, *, progress: bool = True,
-    out: TextIO | None = None, max_rejections: int = 5,
+    out: TextIO | None = None, max_rejections: int = 5, resume: bool = False,
 ) -> dict[str, Any]:
     """Tune the experiment's hyperparameters for ``config.meta_steps`` meta-steps.
 
     Writes ``config.json`` first, then one ``metrics.jsonl`` line per meta-step as it
-    finishes, then ``summary.json`` and figures. A meta-step whose value or hypergradient
-    is not finite is rejected: ``phi`` goes back to the last point that evaluated
-    finitely, the step scale halves, a ``warning`` line is logged, and after
-    ``max_rejections`` in a row the run stops with :class:`RunError`.
+    finishes, a checkpoint of the whole run state every ``config.save_every`` meta-steps
+    (and on SIGINT/SIGTERM, and before stopping on an error), then ``summary.json`` and
+    figures. With ``resume=True`` it continues the run in ``workdir`` from its checkpoint:
+    metrics lines past the checkpoint are dropped and recomputed, so the result equals an
+    uninterrupted run's. A meta-step whose value or hypergradient is not finite is
+    rejected: ``phi`` goes back to the last point that evaluated finitely, the step scale
+    halves, a ``warning`` line is logged, and after ``max_rejections`` in a row the run
+    stops with :class:`RunError`.
 
     Returns:
       the summary dict written to ``summary.json``.
     """
+    from hypergrad import checkpoint
+
     config = config.validate()
     workdir = Path(workdir)
-    prepare_workdir(workdir)
-    (workdir / "config.json").write_text(
-        json.dumps({"experiment": experiment.name, **config.to_dict()}, indent=2) + "\n"
-    )
     start = time.perf_counter()
-    problem = experiment.build(config)
+    problem = build(experiment, config)
+    if not resume:
+        prepare_workdir(workdir)
+        (workdir / "config.json").write_text(
+            json.dumps({"experiment": experiment.name, **config.to_dict()}, indent=2) + "\n"
+        )
     task = problem.task
     dtype = jnp.dtype(config.dtype)
     phi = task.space.init(dtype)
@@ -198,61 +314,118 @@ def run(
     key = jax.random.key(config.seed)
     meta_step = make_meta_step(estimator_for(config), opt)
     evaluate = make_evaluate(problem)
+    ckpt_path = workdir / CHECKPOINT
+    metrics_path = workdir / "metrics.jsonl"
 
-    initial = _floats(evaluate(task, phi, key))
-    initial_hparams = summarize(task.space.constrain(phi))
-    good = (phi, opt_state)  # the last phi whose value and hypergradient were finite
-    scale, rejected_in_row, rejected = 1.0, 0, 0
+    # Everything the loop carries: arrays in `arrays`, the rest in `meta` (JSON).
+    arrays = {"phi": phi, "opt_state": opt_state, "good_phi": phi, "good_state": opt_state,
+              "best_phi": phi}
+    if resume and ckpt_path.exists():
+        arrays, meta = checkpoint.load(ckpt_path, arrays)
+        _truncate_lines(metrics_path, meta["meta_step"])  # one line per meta-step
+    else:
+        initial = _floats(evaluate(task, phi, key))
+        meta = {"meta_step": 0, "scale": 1.0, "rejected": 0,
+                "rejected_in_row": 0, "search_failures": 0, "stopped": None,
+                "elapsed": 0.0, "initial": initial,
+                "initial_hparams": summarize(task.space.constrain(phi)),
+                "best": {"val_loss": None, "meta_step": None}}
+        metrics_path.write_text("")
+        checkpoint.save(ckpt_path, arrays, meta)
+    elapsed_before = meta["elapsed"]
+
+    def save():
+        meta["elapsed"] = elapsed_before + time.perf_counter() - start
+        checkpoint.save(ckpt_path, arrays, meta)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.meta_steps, desc="meta-step", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    with bar, open(workdir / "metrics.jsonl", "w") as log:
-        for i in range(config.meta_steps):
+    bar = tqdm(total=config.meta_steps, initial=meta["meta_step"], desc="meta-step",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    with bar, _Signals() as signals, open(metrics_path, "a") as log:
+        while meta["meta_step"] < config.meta_steps and not meta["stopped"]:
+            i = meta["meta_step"]
             t0 = time.perf_counter()
-            new_phi, new_state, m = meta_step(task, phi, opt_state, key, jnp.asarray(scale, dtype))
+            new_phi, new_state, m = meta_step(task, arrays["phi"], arrays["opt_state"], key,
+                                              jnp.asarray(meta["scale"], dtype))
             m = jax.device_get(m)
-            record = {"meta_step": i}
+            record: dict[str, Any] = {"meta_step": i}
             if m["accepted"]:
-                good = (phi, opt_state)
-                phi, opt_state, rejected_in_row = new_phi, new_state, 0
-                record |= {"val_loss": float(m["val_loss"]),
-                           "train_loss": float(m["train_loss"]),
+                val = float(m["val_loss"])
+                if meta["best"]["val_loss"] is None or val < meta["best"]["val_loss"]:
+                    meta["best"] = {"val_loss": val, "meta_step": i}
+                    arrays["best_phi"] = arrays["phi"]
+                arrays["good_phi"], arrays["good_state"] = arrays["phi"], arrays["opt_state"]
+                arrays["phi"], arrays["opt_state"] = new_phi, new_state
+                meta["rejected_in_row"] = 0
+                record |= {"val_loss": val, "train_loss": float(m["train_loss"]),
                            "hparams": summarize(m["hparams"]),
                            "hypergrad_norm": float(m["hypergrad_norm"])}
-                bar.set_postfix_str(f"val={record['val_loss']:.4f} {_fmt(record['hparams'])}")
+                if "line_search" in m:
+                    ls = m["line_search"]
+                    record["line_search"] = {"step": float(ls["step"]),
+                                             "evals": int(ls["evals"]),
+                                             "failed": bool(ls["failed"])}
+                    meta["search_failures"] = (meta["search_failures"] + 1
+                                               if ls["failed"] else 0)
+                bar.set_postfix_str(f"val={val:.4f} {_fmt(record['hparams'])}")
             else:
-                if m["finite"]:
-                    good = (phi, opt_state)  # phi itself was fine; only the step overshot
-                phi, opt_state = good
-                scale, rejected, rejected_in_row = 0.5 * scale, rejected + 1, rejected_in_row + 1
+                if m["finite"]:  # phi itself was fine; only the step overshot
+                    arrays["good_phi"], arrays["good_state"] = arrays["phi"], arrays["opt_state"]
+                arrays["phi"], arrays["opt_state"] = arrays["good_phi"], arrays["good_state"]
+                meta["scale"] *= 0.5
+                meta["rejected"] += 1
+                meta["rejected_in_row"] += 1
                 what = "new hyperparameters" if m["finite"] else "validation loss or hypergradient"
                 record["warning"] = (f"non-finite {what}; step rejected, outer step scale "
-                                     f"now {scale:g}")
+                                     f"now {meta['scale']:g}")
+            if meta["search_failures"] >= 2:
+                # phi has not moved and the objective is deterministic: every further
+                # meta-step would repeat the same failed search, so the run ends here.
+                meta["stopped"] = record["stopped"] = (
+                    f"stopped after meta-step {i}: the line search failed twice in a row; "
+                    "no step along the hypergradient lowers the validation loss measurably")
             record["seconds"] = time.perf_counter() - t0
             log.write(json.dumps(record) + "\n")
             log.flush()
+            meta["meta_step"] = i + 1
             bar.update(1)
-            if rejected_in_row >= max_rejections:
+            if meta["rejected_in_row"] >= max_rejections:
+                save()
                 raise RunError(
-                    f"{rejected_in_row} meta-steps in a row were rejected as non-finite; "
-                    "lower outer_lr or start from other hyperparameters"
+                    f"{meta['rejected_in_row']} meta-steps in a row were rejected as "
+                    "non-finite; lower outer_lr or start from other hyperparameters"
                 )
+            if signals.received is not None:
+                save()
+                raise Interrupted(f"stopped by signal {signals.received} after meta-step {i}; "
+                                  f"checkpoint saved, continue with --resume --workdir "
+                                  f"{workdir}", signals.received)
+            if meta["meta_step"] % config.save_every == 0:
+                save()
+    save()
 
+    phi = arrays["phi"]
+    initial = meta["initial"]
     final = _floats(evaluate(task, phi, key))
+    best = meta["best"]
     summary = {
         "experiment": experiment.name,
         "initial_val_loss": initial["val_loss"],
         "final_val_loss": final["val_loss"],
-        "initial_hparams": initial_hparams,
+        "initial_hparams": meta["initial_hparams"],
         "final_hparams": summarize(task.space.constrain(phi)),
+        "best_val_loss": best["val_loss"],
+        "best_meta_step": best["meta_step"],
+        "best_hparams": summarize(task.space.constrain(arrays["best_phi"])),
         "initial_test_loss": initial["test_loss"],
         "initial_test_accuracy": initial["test_accuracy"],
         "test_loss": final["test_loss"],
         "test_accuracy": final["test_accuracy"],
-        "rejected_meta_steps": rejected,
-        "seconds": time.perf_counter() - start,
+        "rejected_meta_steps": meta["rejected"],
+        "meta_steps_run": meta["meta_step"],
+        "stopped_early": meta["stopped"],
+        "seconds": elapsed_before + time.perf_counter() - start,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -297,7 +470,7 @@ def check(experiment: Experiment, config: Config, *, directions: int | None = No
 
     if not jax.config.jax_enable_x64:
         raise ConfigError("check needs float64: call jax.config.update('jax_enable_x64', True)")
-    problem = experiment.build(config)
+    problem = build(experiment, config)
     task = problem.task
     phi = task.space.init(jnp.float64)
     return directional_errors(estimator_for(config), task, phi, jax.random.key(config.seed),

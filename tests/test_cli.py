@@ -41,33 +41,119 @@ def test_check_is_below_tolerance(capsys):
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["run", "no-such-thing"], "unknown experiment 'no-such-thing'"),
-        (["run", "seed-cn"], "did you mean seed-cnn"),
-        (["run", "--set", "learnin_rate=0.1"], "did you mean learning_rate"),
-        (["run", "--set", "steps=abc"], "steps must be an integer, got 'abc'"),
-        (["run", "--set", "learning_rate=-0.1"], "learning_rate must be > 0, got -0.1"),
-        (["run", "--set", "steps=0"], "steps must be at least 1, got 0"),
-        (["run", "--set", "momentum=1.5"], "momentum must be strictly between 0 and 1"),
-        (["run", "--set", "outer=sgd"], "outer must be one of gd, ncg, adam"),
-        (["run", "--set", "data=mnist"], "data must be one of digits"),
-        (["run", "--set", "steps"], "--set expects key=value"),
-        (["frobnicate"], "invalid choice"),
-    ],
-)
-def test_bad_input_is_one_line_and_status_2(argv, message, capsys, tmp_path):
-    workdir = ["--workdir", str(tmp_path / "w")] if argv[0] == "run" else []
+BAD_SETS = [
+    (["learnin_rate=0.1"], "did you mean learning_rate"),
+    (["stepz=3"], "unknown config key 'stepz'; did you mean steps"),
+    (["=3"], "--set expects key=value"),
+    (["steps"], "--set expects key=value"),
+    (["steps=abc"], "steps must be an integer, got 'abc'"),
+    (["steps=1.5"], "steps must be an integer, got '1.5'"),
+    (["steps=0"], "steps must be at least 1, got 0"),
+    (["meta_steps=-1"], "meta_steps must be at least 1, got -1"),
+    (["batch_size=many"], "batch_size must be an integer"),
+    (["batch_size=5000"], "batch_size must be an integer in [1, 1000]"),
+    (["seed=-1"], "seed must be at least 0"),
+    (["save_every=0"], "save_every must be at least 1"),
+    (["checkpoint=-2"], "checkpoint must be at least 0"),
+    (["outer=sgd"], "outer must be one of gd, ncg, adam"),
+    (["outer_lr=0"], "outer_lr must be > 0"),
+    (["outer_lr=fast"], "outer_lr must be a number, got 'fast'"),
+    (["clip=-1"], "clip must be >= 0"),
+    (["loss=hinge"], "loss must be one of mse, ce"),
+    (["dtype=float16"], "dtype must be one of float32, float64"),
+    (["data=mnist"], "data must be one of digits"),
+    (["learning_rate=-0.1"], "learning_rate must be > 0, got -0.1"),
+    (["learning_rate=nan"], "learning_rate must be > 0, got nan"),
+    (["momentum=1.5"], "momentum must be strictly between 0 and 1"),
+    (["momentum=0"], "momentum must be strictly between 0 and 1, got 0"),
+    (["weight_decay=0"], "weight_decay must be > 0, got 0"),
+    (["leaky_slope=1"], "leaky_slope must be strictly between 0 and 1"),
+    (["channels=8,x"], "channels must be positive integers separated by commas"),
+    (["channels=0"], "channels must be positive integers"),
+]
+
+
+@pytest.mark.parametrize("sets, message", BAD_SETS, ids=[s[0][0] for s in BAD_SETS])
+def test_bad_config_is_one_line_and_status_2(sets, message, capsys, tmp_path):
+    argv = ["run", *[a for kv in sets for a in ("--set", kv)], "--workdir", str(tmp_path / "w")]
+    assert_one_line_error(argv, message, capsys)
+    assert not (tmp_path / "w").exists()  # nothing is written before the config is valid
+
+
+def assert_one_line_error(argv, message, capsys):
     try:
-        status = main([*argv, *workdir])
+        status = main(argv)
     except SystemExit as e:  # argparse's own errors
         status = e.code
     err = capsys.readouterr().err
-    assert status == 2
+    assert status == 2, err
     assert message in err
     assert err.count("\n") == 1 and err.startswith("hypergrad: error:")
-    assert not (tmp_path / "w").exists()  # nothing is written before the config is valid
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["run", *TINY, "--workdir", str(workdir), "--quiet"]) == 0
+    return workdir
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda w, t: ["run", "no-such-thing"], "unknown experiment 'no-such-thing'"),
+        (lambda w, t: ["run", "seed-cn"], "did you mean seed-cnn"),
+        (lambda w, t: ["check", "nope"], "unknown experiment 'nope'"),
+        (lambda w, t: ["frobnicate"], "invalid choice"),
+        (lambda w, t: ["run", "--workdir", str(w)], "already holds files; pass --resume"),
+        (lambda w, t: ["run", "--workdir", str(w / "summary.json")], "is not a directory"),
+        (lambda w, t: ["run", "--workdir", str(w / "summary.json" / "x")],
+         "cannot create workdir"),
+        (lambda w, t: ["run", "--resume"], "--resume needs the --workdir"),
+        (lambda w, t: ["run", "--resume", "--workdir", str(t / "missing")],
+         "no run to resume in"),
+        (lambda w, t: ["run", "--resume", "--workdir", str(w), "--set", "steps=5"],
+         "cannot resume with a changed config (steps 4 -> 5); only meta_steps may change"),
+        (lambda w, t: ["run", "--resume", "--workdir", str(w), "--set", "outer=adam"],
+         "cannot resume with a changed config (outer 'gd' -> 'adam')"),
+        (lambda w, t: ["run", "other", "--resume", "--workdir", str(w)],
+         "holds a run of 'seed-cnn', not 'other'"),
+        (lambda w, t: ["run", "--resume", "--workdir", str(w), "--set", "meta_steps=x"],
+         "meta_steps must be an integer"),
+    ],
+)
+def test_bad_commands_are_one_line_status_2_and_keep_files(make_argv, message, capsys,
+                                                           tmp_path, finished_run):
+    before = snapshot(finished_run)
+    assert_one_line_error(make_argv(finished_run, tmp_path), message, capsys)
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"checkpoint.npz": b"garbage"}, "checkpoint"),
+        ({"config.json": b"{not json"}, "config.json is unreadable"),
+        ({"config.json": b'{"experiment": "seed-cnn", "steps": "four"}'},
+         "steps must be an integer, got 'four'"),
+        ({"config.json": b'{"experiment": "seed-cnn", "colour": 1}'}, "unknown config key"),
+    ],
+)
+def test_damaged_runs_cannot_resume_and_are_kept(damage, message, capsys, tmp_path,
+                                                 finished_run):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(finished_run, work)
+    for name, content in damage.items():
+        (work / name).write_bytes(content)
+    before = snapshot(work)
+    assert_one_line_error(["run", "--resume", "--workdir", str(work)], message, capsys)
+    assert snapshot(work) == before
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
