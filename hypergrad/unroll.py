@@ -75,6 +75,61 @@ def _scan(body, carry, xs, length: int, every: int | None):
     return carry, ys
 
 
+def start(task: Task, hparams: Any, key: jax.Array) -> tuple[InnerState, jax.Array]:
+    """The state before the first inner step, and the key that orders the minibatches.
+
+    ``key`` is split exactly as :func:`unroll` splits it, so ``start`` followed by
+    :func:`resume` over ``[0, steps)`` is the same training run as ``unroll``.
+    """
+    init_key, data_key = jax.random.split(key)
+    params = task.init_params(init_key, hparams)
+    return InnerState(params, task.optimizer.init(params)), data_key
+
+
+def resume(
+    task: Task, hparams: Any, state: InnerState, data_key: jax.Array, begin: int,
+    end: int | None = None, *, checkpoint: Any = None,
+) -> tuple[InnerState, jax.Array]:
+    """Run inner steps ``begin, ..., end - 1`` of the training run from ``state``.
+
+    Step t uses the same minibatch as step t of :func:`unroll` with the same key, so a
+    run cut into pieces trains exactly as the whole one does.
+
+    Args:
+      task, hparams: the problem and its hyperparameters in natural units.
+      state: the state before step ``begin``.
+      data_key: the second key returned by :func:`start`.
+      begin, end: the step range (Python ints); ``end`` defaults to ``task.steps``.
+      checkpoint: as in :func:`unroll`.
+
+    Returns:
+      ``(state, losses)``: the state after step ``end - 1`` and each step's batch loss.
+    """
+    every = _check_policy(checkpoint)
+    end = task.steps if end is None else end
+    if not 0 <= begin <= end <= task.steps:
+        raise ValueError(f"need 0 <= begin <= end <= steps={task.steps}, got {begin}, {end}")
+    length = end - begin
+    if length == 0:
+        return state, jnp.zeros((0,), jnp.result_type(float))
+    data = task.train_data
+
+    if task.batch_size is None:
+        def body(s, _):
+            return train_step(task.train_loss, task.optimizer, hparams, s, data)
+        xs = None
+    else:
+        def body(s, idx):
+            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+            return train_step(task.train_loss, task.optimizer, hparams, s, batch)
+        xs = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
+        xs = xs[begin:end]
+
+    if xs is None and every is not None:
+        xs = jnp.zeros((length, 0))  # a dummy axis so the steps can be chunked
+    return _scan(body, state, xs, length, every)
+
+
 def unroll(
     task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any = None
 ) -> tuple[PyTree, jax.Array]:
@@ -92,25 +147,9 @@ def unroll(
     Returns:
       ``(params_T, train_losses)``, the trained weights and each step's batch loss.
     """
-    every = _check_policy(checkpoint)
-    init_key, data_key = jax.random.split(key)
-    params = task.init_params(init_key, hparams)
-    state = InnerState(params, task.optimizer.init(params))
-    data = task.train_data
-
-    if task.batch_size is None:
-        def body(s, _):
-            return train_step(task.train_loss, task.optimizer, hparams, s, data)
-        xs = None
-    else:
-        def body(s, idx):
-            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-            return train_step(task.train_loss, task.optimizer, hparams, s, batch)
-        xs = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
-
-    if xs is None and every is not None:
-        xs = jnp.zeros((task.steps, 0))  # a dummy axis so the steps can be chunked
-    state, losses = _scan(body, state, xs, task.steps, every)
+    _check_policy(checkpoint)
+    state, data_key = start(task, hparams, key)
+    state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint)
     return state.params, losses
 
 
@@ -127,3 +166,41 @@ def objective(
     params, losses = unroll(task, hparams, key, checkpoint=checkpoint)
     value = task.val_loss(params, hparams, task.val_data)
     return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
+
+
+def truncated_unroll(
+    task: Task, hparams: Any, key: jax.Array, window: int, *, checkpoint: Any = None
+) -> tuple[PyTree, jax.Array]:
+    """:func:`unroll`, but gradients flow only through the last ``window`` steps.
+
+    The first ``T - window`` steps run with ``hparams`` as usual; their final state is
+    cut from the graph (``stop_gradient``), so differentiating the result gives the
+    K-step truncated hypergradient of Shaban et al. (2019). ``window >= T`` is the full
+    unroll. Same key, same minibatches as :func:`unroll`.
+    """
+    window = _check_window(window)
+    state, data_key = start(task, hparams, key)
+    cut = max(task.steps - window, 0)
+    if cut == 0:
+        state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint)
+        return state.params, losses
+    state, head = resume(task, hparams, state, data_key, 0, cut)
+    state = jax.lax.stop_gradient(state)
+    state, tail = resume(task, hparams, state, data_key, cut, checkpoint=checkpoint)
+    return state.params, jnp.concatenate([head, tail])
+
+
+def truncated_objective(
+    task: Task, phi: Any, key: jax.Array, window: int, *, checkpoint: Any = None
+) -> tuple[jax.Array, dict[str, Any]]:
+    """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient."""
+    hparams = task.space.constrain(phi)
+    params, losses = truncated_unroll(task, hparams, key, window, checkpoint=checkpoint)
+    value = task.val_loss(params, hparams, task.val_data)
+    return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
+
+
+def _check_window(window: Any) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    return window

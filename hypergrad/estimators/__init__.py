@@ -1,6 +1,9 @@
 """Hypergradient estimators, one per module, all ``(task, phi, key) -> (value, grad, aux)``."""
 
 from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.forward import forward
+from hypergrad.estimators.implicit import NotConvergedWarning, implicit
 from hypergrad.estimators.reverse import reverse
+from hypergrad.estimators.truncated import truncated
 
-__all__ = ["Estimator", "reverse"]
+__all__ = ["Estimator", "NotConvergedWarning", "forward", "implicit", "reverse", "truncated"]

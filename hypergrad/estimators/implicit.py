@@ -1,0 +1,215 @@
+"""Implicit-function hypergradients at the trained weights (Pedregosa 2016; Lorraine et al.
+2020; Grazzi et al. 2020)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from hypergrad.estimators.base import Estimator
+from hypergrad.task import Task
+from hypergrad.unroll import _check_window, truncated_objective, unroll
+
+SOLVERS = ("cg", "neumann", "fixed_point")
+
+
+class NotConvergedWarning(UserWarning):
+    """The implicit linear solve stopped before reaching its tolerance."""
+
+
+def implicit(
+    solver: str = "cg", maxiter: int = 100, tol: float = 1e-6, alpha: float | None = None,
+    fallback: str | None = None, window: int = 10,
+) -> Estimator:
+    """Differentiate the stationarity condition of training instead of the training run.
+
+    At weights ``w`` with ``grad_w L_train(w, lam) = 0`` on the full training set, the
+    implicit function theorem gives (Pedregosa 2016, §2; Lorraine et al. 2020, §3)::
+
+        dL_val/dphi = dL_val/dphi (direct) - (d^2 L_train / dphi dw) v,   H v = grad_w L_val
+
+    with ``H`` the Hessian of the full-batch train loss at the trained weights. ``H`` is
+    never formed: the solvers use Hessian-vector products (``jax.jvp`` of ``jax.grad``)
+    and the mixed term is one VJP. The training run itself is not differentiated, so
+    memory does not grow with the horizon; the answer is exact only to the extent that
+    training reached a stationary point. Only hyperparameters that the train loss (or
+    the validation loss) reads can be differentiated: those of the inner optimizer
+    (learning rate, momentum, ``sgd``'s weight decay) do not appear in the stationarity
+    condition, and tuning one raises ``ValueError``. Put an L2 penalty in the train
+    loss to tune it here. Initial-weight hyperparameters get no gradient (``w*`` does
+    not depend on where training starts).
+
+    Solvers, each stopped at ``maxiter`` iterations or when the relative residual
+    ``||H v - g|| / ||g||`` is at most ``tol``:
+
+    - ``"cg"``: conjugate gradients; needs ``H`` symmetric positive definite.
+    - ``"neumann"``: the truncated Neumann series ``v = alpha sum_{k<K} (I - alpha H)^k g``
+      (Lorraine et al. 2020, Alg. 3), accumulated term by term; K iterations = K terms.
+    - ``"fixed_point"``: the fixed-point iteration ``v <- v + alpha (g - H v)`` from
+      ``v = 0`` (Grazzi et al. 2020, the FP method with the gradient-descent map).
+      In exact arithmetic its K-th iterate equals the K-term Neumann sum; it recomputes
+      the residual from ``v`` each step instead of accumulating powers.
+
+    Both need ``0 < alpha < 2 / lambda_max(H)`` to converge (the inner learning rate is
+    a natural choice); K Neumann terms with ``alpha`` = the learning rate equal the
+    K-step truncated hypergradient when training sits at the minimum of a quadratic.
+
+    Convergence is reported in ``aux``. When the tolerance is not met the estimator warns
+    with :class:`NotConvergedWarning` from a ``jax.debug.callback``, so the warning is
+    issued both eagerly and under ``jax.jit`` (each time the compiled function runs; with
+    warnings turned into errors a jitted call raises ``JaxRuntimeError``). Jitted code
+    that must not warn can read ``aux["converged"]`` and filter the warning.
+
+    Args:
+      solver: ``"cg"``, ``"neumann"`` or ``"fixed_point"``.
+      maxiter: the most solver iterations (Hessian-vector products).
+      tol: the relative residual at which the solve counts as converged.
+      alpha: the step of ``"neumann"`` and ``"fixed_point"`` (required for them).
+      fallback: ``None``, or ``"truncated"`` to return the ``window``-step truncated
+        hypergradient (Shaban et al. 2019) instead when the solve does not converge.
+      window: the truncation window of the fallback.
+
+    Returns:
+      an estimator ``(task, phi, key) -> (value, grad, aux)``; ``aux`` holds
+      ``train_loss``, ``train_losses``, ``params``, ``iterations``, ``residual`` (final
+      relative residual), ``converged`` and, with a fallback, ``fallback_used``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if solver != "cg" and (alpha is None or not alpha > 0):
+        raise ValueError(
+            f"solver={solver!r} needs a step alpha > 0 below 2 / (largest Hessian "
+            f"eigenvalue), e.g. the inner learning rate; got alpha={alpha!r}"
+        )
+    if fallback not in (None, "truncated"):
+        raise ValueError(f"fallback must be None or 'truncated', got {fallback!r}")
+    _check_window(window)
+    solve = _solver(solver, maxiter, tol, alpha)
+
+    def estimate(task: Task, phi: Any, key: jax.Array):
+        _refuse_optimizer_hparams(task)
+        hp = jax.lax.stop_gradient(task.space.constrain(phi))
+        params, losses = unroll(task, hp, key)
+        params = jax.lax.stop_gradient(params)
+        w, unravel = ravel_pytree(params)
+
+        def train_grad(w, hparams):
+            return ravel_pytree(jax.grad(task.train_loss)(unravel(w), hparams, task.train_data))[0]
+
+        def hvp(v):
+            return jax.jvp(lambda w: train_grad(w, hp), (w,), (v,))[1]
+
+        value, g = jax.value_and_grad(
+            lambda w: task.val_loss(unravel(w), hp, task.val_data))(w)
+        v, iterations = solve(hvp, g)
+        gnorm = jnp.linalg.norm(g)
+        rnorm = jnp.linalg.norm(g - hvp(v))
+        residual = jnp.where(gnorm > 0, rnorm / jnp.where(gnorm > 0, gnorm, 1), rnorm)
+        converged = residual <= tol  # False for a NaN residual
+        v = jax.lax.stop_gradient(v)
+
+        def lagrangian(p):
+            hparams = task.space.constrain(p)
+            return task.val_loss(params, hparams, task.val_data) - jnp.vdot(
+                train_grad(w, hparams), v)
+
+        grad = jax.grad(lagrangian)(phi)
+        aux = {"train_loss": losses[-1], "train_losses": losses, "params": params,
+               "iterations": iterations, "residual": residual, "converged": converged}
+        if fallback == "truncated":
+            def truncated_grad():
+                return jax.grad(
+                    lambda p: truncated_objective(task, p, key, window)[0])(phi)
+
+            grad = jax.lax.cond(converged, lambda: grad, truncated_grad)
+            aux["fallback_used"] = ~converged
+        jax.debug.callback(_warn_unless_converged(solver, tol, fallback, window),
+                           converged, residual, iterations)
+        return value, grad, aux
+
+    options = {"solver": solver, "maxiter": maxiter, "tol": tol, "alpha": alpha,
+               "fallback": fallback, "window": window}
+    return Estimator(estimate, "implicit", options)
+
+
+def _refuse_optimizer_hparams(task: Task) -> None:
+    tuned = [name for name in task.optimizer.reads if name in task.space]
+    if tuned:
+        raise ValueError(
+            f"implicit cannot differentiate {', '.join(tuned)}: the inner optimizer reads "
+            f"it, so it does not appear in the stationarity condition grad_w L_train = 0; "
+            f"use reverse(), forward() or truncated() instead"
+        )
+
+
+def _warn_unless_converged(solver: str, tol: float, fallback: str | None, window: int):
+    def warn(converged, residual, iterations):
+        if np.all(converged):
+            return
+        then = (f"returning the {window}-step truncated hypergradient instead"
+                if fallback else "the hypergradient is inexact (aux['converged'] is False)")
+        warnings.warn(
+            f"implicit({solver!r}) did not converge: relative residual "
+            f"{np.max(residual):.3g} > tol {tol:g} after {np.max(iterations)} iterations; "
+            f"{then}", NotConvergedWarning, stacklevel=2)
+
+    return warn
+
+
+def _solver(name: str, maxiter: int, tol: float, alpha: float | None) -> Callable:
+    """``solve(hvp, g) -> (v, iterations)`` for ``H v = g``, as a ``lax.while_loop``."""
+
+    def solve(hvp, g):
+        target = tol * jnp.linalg.norm(g)
+
+        def norm(x):
+            return jnp.linalg.norm(x)
+
+        if name == "cg":
+            def cond(s):
+                i, _, _, _, rs = s
+                return (i < maxiter) & (jnp.sqrt(rs) > target)
+
+            def body(s):
+                i, v, r, p, rs = s
+                hp_ = hvp(p)
+                a = rs / jnp.vdot(p, hp_)
+                v, r = v + a * p, r - a * hp_
+                rs_new = jnp.vdot(r, r)
+                return i + 1, v, r, r + (rs_new / rs) * p, rs_new
+
+            init = (0, jnp.zeros_like(g), g, g, jnp.vdot(g, g))
+            i, v, *_ = jax.lax.while_loop(cond, body, init)
+            return v, i
+
+        a = jnp.asarray(alpha, g.dtype)
+        if name == "neumann":
+            # v_K = alpha sum_{k<K} t_k with t_k = (I - alpha H)^k g; t_K = g - H v_K.
+            def body(s):
+                i, v, t = s
+                return i + 1, v + a * t, t - a * hvp(t)
+        else:
+            # v_{k+1} = v_k + alpha r_k with r_k = g - H v_k.
+            def body(s):
+                i, v, r = s
+                v = v + a * r
+                return i + 1, v, g - hvp(v)
+
+        def cond(s):
+            i, _, r = s
+            return (i < maxiter) & (norm(r) > target)
+
+        i, v, _ = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(g), g))
+        return v, i
+
+    return solve
