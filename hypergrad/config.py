@@ -16,6 +16,8 @@ class ConfigError(ValueError):
 
 
 OUTERS = ("gd", "ncg", "adam")
+ESTIMATORS = ("reverse", "truncated", "forward", "implicit")
+SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
 
@@ -43,6 +45,11 @@ class Config:
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).
+      estimator: the hypergradient method: ``reverse``, ``truncated`` (through the last
+        ``window`` steps), ``forward`` or ``implicit`` (with ``solver``, ``maxiter``).
+      window: the truncated estimator's window K (at most ``steps``).
+      solver: the implicit estimator's linear solver: ``cg``, ``neumann``, ``fixed_point``.
+      maxiter: the implicit solver's iterations.
     """
 
     steps: int = 100
@@ -57,6 +64,10 @@ class Config:
     checkpoint: int = 0
     dtype: str = "float32"
     save_every: int = 5
+    estimator: str = "reverse"
+    window: int = 10
+    solver: str = "cg"
+    maxiter: int = 50
 
     def space(self) -> HyperSpace:
         """The tuned hyperparameters with this config's initial values."""
@@ -72,6 +83,12 @@ class Config:
         _at_least(self, "checkpoint", 0)
         _at_least(self, "seed", 0)
         _at_least(self, "save_every", 1)
+        _at_least(self, "window", 1)
+        _at_least(self, "maxiter", 1)
+        _one_of(self, "estimator", ESTIMATORS)
+        _one_of(self, "solver", SOLVERS)
+        if self.estimator == "truncated" and self.window > self.steps:
+            raise ConfigError(f"window must be at most steps ({self.steps}), got {self.window}")
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
         _one_of(self, "data", tuple(sorted(SOURCES)))
