@@ -50,6 +50,12 @@ class Config:
       window: the truncated estimator's window K (at most ``steps``).
       solver: the implicit estimator's linear solver: ``cg``, ``neumann``, ``fixed_point``.
       maxiter: the implicit solver's iterations.
+      tol: the implicit solver's relative residual tolerance.
+      solver_step: the step of the ``neumann`` and ``fixed_point`` solvers (needed by them).
+      online: tune while training: one training run of ``steps`` inner steps whose
+        hyperparameters are updated every ``window`` steps by the hypergradient through
+        the next ``window`` steps, continuing from the current weights (``meta_steps`` and
+        ``estimator`` are not used).
     """
 
     steps: int = 100
@@ -68,6 +74,9 @@ class Config:
     window: int = 10
     solver: str = "cg"
     maxiter: int = 50
+    tol: float = 1e-6
+    solver_step: float | None = None
+    online: bool = False
 
     def space(self) -> HyperSpace:
         """The tuned hyperparameters with this config's initial values."""
@@ -87,8 +96,16 @@ class Config:
         _at_least(self, "maxiter", 1)
         _one_of(self, "estimator", ESTIMATORS)
         _one_of(self, "solver", SOLVERS)
-        if self.estimator == "truncated" and self.window > self.steps:
+        if (self.estimator == "truncated" or self.online) and self.window > self.steps:
             raise ConfigError(f"window must be at most steps ({self.steps}), got {self.window}")
+        if not self.tol > 0:
+            raise ConfigError(f"tol must be > 0, got {self.tol:g}")
+        if self.solver_step is not None and not self.solver_step > 0:
+            raise ConfigError(f"solver_step must be > 0, got {self.solver_step:g}")
+        if (self.estimator == "implicit" and self.solver != "cg"
+                and self.solver_step is None):
+            raise ConfigError(f"solver {self.solver} needs solver_step (for example the "
+                              "inner learning rate): --set solver_step=0.01")
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
         _one_of(self, "data", tuple(sorted(SOURCES)))

@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hypergrad import estimators
 from hypergrad import outer as outer_lib
 from hypergrad.config import Config, ConfigError
-from hypergrad.estimators import Estimator, reverse
+from hypergrad.estimators import Estimator
 from hypergrad.hparams import summarize
 from hypergrad.task import Task
-from hypergrad.unroll import objective
+from hypergrad.unroll import objective, segment, start
 
 PyTree = Any
 ENTRY_POINTS = "hypergrad.experiments"
@@ -79,7 +80,15 @@ def get_experiment(name: str) -> Experiment:
 
 def estimator_for(config: Config) -> Estimator:
     """The hypergradient estimator a config asks for."""
-    return reverse(checkpoint=config.checkpoint or None)
+    checkpoint = config.checkpoint or None
+    if config.estimator == "truncated":
+        return estimators.truncated(config.window, checkpoint=checkpoint)
+    if config.estimator == "forward":
+        return estimators.forward()
+    if config.estimator == "implicit":
+        return estimators.implicit(config.solver, maxiter=config.maxiter, tol=config.tol,
+                                   alpha=config.solver_step)
+    return estimators.reverse(checkpoint=checkpoint)
 
 
 def outer_for(config: Config) -> optax.GradientTransformationExtraArgs:
@@ -99,9 +108,41 @@ def build(experiment: Experiment, config: Config) -> Problem:
     """Build the experiment's problem; a value the data or model rejects (a batch larger
     than the training set, say) becomes a :class:`ConfigError`."""
     try:
-        return experiment.build(config)
+        problem = experiment.build(config)
     except ValueError as e:  # DataError included
         raise ConfigError(str(e)) from None
+    reads = problem.task.optimizer.reads
+    tuned = [n for n in problem.task.space.names if n in reads]
+    if config.estimator == "implicit" and not config.online and tuned:
+        raise ConfigError(
+            f"the implicit estimator cannot differentiate {', '.join(tuned)}: optimizer "
+            "hyperparameters do not appear in the stationarity condition; use --set "
+            "estimator=reverse, forward or truncated")
+    return problem
+
+
+def _guarded_update(opt, task, phi, opt_state, value, grad, value_fn, scale, extra_ok=True):
+    """Apply ``opt`` (its update times ``scale``) only where everything is finite.
+
+    Returns ``(phi, opt_state, metrics)``; on rejection ``phi`` and the state are the old
+    ones, so a non-finite number never reaches ``phi``.
+    """
+    updates, new_state = opt.update(grad, opt_state, phi, value=value, grad=grad,
+                                    value_fn=value_fn)
+    new_phi = optax.apply_updates(phi, jax.tree.map(lambda u: scale * u, updates))
+    finite = jnp.isfinite(value) & _all_finite(grad) & extra_ok
+    ok = finite & _all_finite(new_phi)
+    phi_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_phi, phi)
+    state_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, opt_state)
+    metrics = {
+        **_line_search(new_state),
+        "val_loss": value,
+        "hypergrad_norm": optax.tree.norm(grad),
+        "hparams": task.space.constrain(phi),
+        "finite": finite,
+        "accepted": ok,
+    }
+    return phi_out, state_out, metrics
 
 
 def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
@@ -119,26 +160,41 @@ def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
         def value_fn(p):
             return objective(task, p, key)[0]
 
-        updates, new_state = opt.update(
-            grad, opt_state, phi, value=value, grad=grad, value_fn=value_fn
-        )
-        new_phi = optax.apply_updates(phi, jax.tree.map(lambda u: scale * u, updates))
-        finite = jnp.isfinite(value) & _all_finite(grad)
-        ok = finite & _all_finite(new_phi)
-        phi_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_phi, phi)
-        state_out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, opt_state)
-        metrics = {
-            **_line_search(new_state),
-            "val_loss": value,
-            "train_loss": aux["train_loss"],
-            "hypergrad_norm": optax.tree.norm(grad),
-            "hparams": task.space.constrain(phi),
-            "finite": finite,
-            "accepted": ok,
-        }
-        return phi_out, state_out, metrics
+        phi, opt_state, metrics = _guarded_update(opt, task, phi, opt_state, value, grad,
+                                                  value_fn, scale)
+        return phi, opt_state, {**metrics, "train_loss": aux["train_loss"]}
 
     return jax.jit(meta_step)
+
+
+def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int):
+    """One segment of online tuning as one jitted function (truncated, Shaban et al. 2019).
+
+    Returns ``step(task, phi, opt_state, inner, key, scale, begin) -> (phi, opt_state,
+    inner, metrics)``: from the current weights ``inner`` (an
+    :class:`hypergrad.inner.InnerState` at inner step ``begin``, a traced integer, so one
+    compile serves every segment) it trains ``window`` steps, takes the hypergradient of
+    the validation loss through those steps, and updates ``phi``; the trained state is
+    the next segment's start. A rejected segment leaves the weights where they were.
+    """
+
+    def step(task, phi, opt_state, inner, key, scale, begin):
+        _, data_key = jax.random.split(key)
+
+        def f(p):
+            hparams = task.space.constrain(p)
+            state, losses = segment(task, hparams, inner, data_key, begin, window)
+            return task.val_loss(state.params, hparams, task.val_data), (state, losses)
+
+        (value, (new_inner, losses)), grad = jax.value_and_grad(f, has_aux=True)(phi)
+        phi, opt_state, metrics = _guarded_update(
+            opt, task, phi, opt_state, value, grad, lambda p: f(p)[0], scale,
+            extra_ok=_all_finite(new_inner))
+        inner = jax.tree.map(lambda a, b: jnp.where(metrics["accepted"], a, b),
+                             new_inner, inner)
+        return phi, opt_state, inner, {**metrics, "train_loss": losses[-1]}
+
+    return jax.jit(step)
 
 
 def _line_search(state: PyTree) -> dict[str, Any]:
@@ -156,14 +212,22 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def score(problem: Problem):
+    """``(task, params, hparams) -> {"val_loss", "test_loss", "test_accuracy"}``."""
+
+    def scores(task, params, hparams):
+        return {"val_loss": task.val_loss(params, hparams, task.val_data),
+                **problem.evaluate(params, hparams)}
+
+    return scores
+
+
 def make_evaluate(problem: Problem):
-    """A jitted ``(task, phi, key) -> metrics`` for the start and the end of a run."""
+    """A jitted ``(task, phi, key) -> metrics``: train with ``phi`` from the start, score."""
 
     def evaluate(task, phi, key):
-        value, aux = objective(task, phi, key)
-        hparams = task.space.constrain(phi)
-        return {"val_loss": value, "train_loss": aux["train_loss"],
-                **problem.evaluate(aux["params"], hparams)}
+        _, aux = objective(task, phi, key)
+        return score(problem)(task, aux["params"], task.space.constrain(phi))
 
     return jax.jit(evaluate)
 
@@ -299,7 +363,7 @@ def run(
 
     config = config.validate()
     workdir = Path(workdir)
-    start = time.perf_counter()
+    began = time.perf_counter()
     problem = build(experiment, config)
     if not resume:
         prepare_workdir(workdir)
@@ -312,14 +376,22 @@ def run(
     opt = outer_for(config)
     opt_state = opt.init(phi)
     key = jax.random.key(config.seed)
-    meta_step = make_meta_step(estimator_for(config), opt)
     evaluate = make_evaluate(problem)
+    if config.online:  # one training run, a hyper-update every `window` inner steps
+        online_step = make_online_step(opt, config.window)
+        total = config.steps // config.window
+    else:
+        meta_step = make_meta_step(estimator_for(config), opt)
+        total = config.meta_steps
     ckpt_path = workdir / CHECKPOINT
     metrics_path = workdir / "metrics.jsonl"
 
     # Everything the loop carries: arrays in `arrays`, the rest in `meta` (JSON).
     arrays = {"phi": phi, "opt_state": opt_state, "good_phi": phi, "good_state": opt_state,
               "best_phi": phi}
+    if config.online:
+        arrays["inner"] = jax.jit(lambda t, p, k: start(t, t.space.constrain(p), k)[0])(
+            task, phi, key)
     if resume and ckpt_path.exists():
         arrays, meta = checkpoint.load(ckpt_path, arrays)
         _truncate_lines(metrics_path, meta["meta_step"])  # one line per meta-step
@@ -329,27 +401,37 @@ def run(
                 "rejected_in_row": 0, "search_failures": 0, "stopped": None,
                 "elapsed": 0.0, "initial": initial,
                 "initial_hparams": summarize(task.space.constrain(phi)),
-                "best": {"val_loss": None, "meta_step": None}}
+                "best": {"val_loss": None, "meta_step": None}, "inner_step": 0}
         metrics_path.write_text("")
         checkpoint.save(ckpt_path, arrays, meta)
     elapsed_before = meta["elapsed"]
 
     def save():
-        meta["elapsed"] = elapsed_before + time.perf_counter() - start
+        meta["elapsed"] = elapsed_before + time.perf_counter() - began
         checkpoint.save(ckpt_path, arrays, meta)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.meta_steps, initial=meta["meta_step"], desc="meta-step",
+    bar = tqdm(total=total, initial=meta["meta_step"], desc="meta-step",
                unit="step", disable=not progress, dynamic_ncols=True)
     with bar, _Signals() as signals, open(metrics_path, "a") as log:
-        while meta["meta_step"] < config.meta_steps and not meta["stopped"]:
+        while meta["meta_step"] < total and not meta["stopped"]:
             i = meta["meta_step"]
             t0 = time.perf_counter()
-            new_phi, new_state, m = meta_step(task, arrays["phi"], arrays["opt_state"], key,
-                                              jnp.asarray(meta["scale"], dtype))
+            scale = jnp.asarray(meta["scale"], dtype)
+            if config.online:
+                new_phi, new_state, new_inner, m = online_step(
+                    task, arrays["phi"], arrays["opt_state"], arrays["inner"], key, scale,
+                    jnp.asarray(meta["inner_step"]))
+            else:
+                new_phi, new_state, m = meta_step(task, arrays["phi"], arrays["opt_state"],
+                                                  key, scale)
             m = jax.device_get(m)
             record: dict[str, Any] = {"meta_step": i}
+            if m["accepted"] and config.online:
+                arrays["inner"] = new_inner
+                meta["inner_step"] += config.window
+                record["inner_step"] = meta["inner_step"]
             if m["accepted"]:
                 val = float(m["val_loss"])
                 if meta["best"]["val_loss"] is None or val < meta["best"]["val_loss"]:
@@ -407,7 +489,11 @@ def run(
 
     phi = arrays["phi"]
     initial = meta["initial"]
-    final = _floats(evaluate(task, phi, key))
+    if config.online:  # the weights this run trained, with the hyperparameters it ended on
+        final = _floats(jax.jit(score(problem))(task, arrays["inner"].params,
+                                                 task.space.constrain(phi)))
+    else:
+        final = _floats(evaluate(task, phi, key))
     best = meta["best"]
     summary = {
         "experiment": experiment.name,
@@ -425,7 +511,7 @@ def run(
         "rejected_meta_steps": meta["rejected"],
         "meta_steps_run": meta["meta_step"],
         "stopped_early": meta["stopped"],
-        "seconds": elapsed_before + time.perf_counter() - start,
+        "seconds": elapsed_before + time.perf_counter() - began,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

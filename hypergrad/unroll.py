@@ -105,13 +105,25 @@ def resume(
     Returns:
       ``(state, losses)``: the state after step ``end - 1`` and each step's batch loss.
     """
-    every = _check_policy(checkpoint)
     end = task.steps if end is None else end
     if not 0 <= begin <= end <= task.steps:
         raise ValueError(f"need 0 <= begin <= end <= steps={task.steps}, got {begin}, {end}")
-    length = end - begin
-    if length == 0:
+    if end == begin:
         return state, jnp.zeros((0,), jnp.result_type(float))
+    return segment(task, hparams, state, data_key, begin, end - begin, checkpoint=checkpoint)
+
+
+def segment(
+    task: Task, hparams: Any, state: InnerState, data_key: jax.Array, begin: Any,
+    length: int, *, checkpoint: Any = None,
+) -> tuple[InnerState, jax.Array]:
+    """Run ``length`` inner steps from step ``begin``, which may be a traced integer.
+
+    The same steps as :func:`resume` over ``[begin, begin + length)``; with a traced
+    ``begin`` one compiled function serves every segment of an online run. The caller
+    keeps ``begin + length <= task.steps``.
+    """
+    every = _check_policy(checkpoint)
     data = task.train_data
 
     if task.batch_size is None:
@@ -123,7 +135,7 @@ def resume(
             batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
             return train_step(task.train_loss, task.optimizer, hparams, s, batch)
         xs = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
-        xs = xs[begin:end]
+        xs = jax.lax.dynamic_slice_in_dim(xs, begin, length)
 
     if xs is None and every is not None:
         xs = jnp.zeros((length, 0))  # a dummy axis so the steps can be chunked

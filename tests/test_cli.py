@@ -34,11 +34,26 @@ def test_list(capsys):
     assert "seed-cnn" in capsys.readouterr().out
 
 
-def test_check_is_below_tolerance(capsys):
-    assert main(["check", *TINY]) == 0
+@pytest.mark.parametrize("estimator", ["reverse", "forward"])
+def test_check_is_below_tolerance(estimator, capsys):
+    assert main(["check", *TINY, "--set", f"estimator={estimator}"]) == 0
     out = capsys.readouterr().out
     assert "learning_rate" in out and "leaky_slope" in out
     assert out.strip().endswith("ok")
+
+
+def test_check_shows_the_bias_of_a_short_truncation(capsys):
+    assert main(["check", *TINY, "--set", "estimator=truncated", "--set", "window=1"]) == 1
+    assert capsys.readouterr().out.strip().endswith("FAILED")
+
+
+def test_online_run_tunes_while_training(tmp_path, capsys):
+    workdir = tmp_path / "online"
+    assert main(["run", *TINY, "--set", "online=true", "--set", "steps=8", "--set",
+                 "window=2", "--workdir", str(workdir), "--quiet"]) == 0
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["inner_step"] for r in lines] == [2, 4, 6, 8]
+    assert lines[0]["hparams"] != lines[-1]["hparams"]
 
 
 BAD_SETS = [
@@ -61,7 +76,7 @@ BAD_SETS = [
     (["clip=-1"], "clip must be >= 0"),
     (["loss=hinge"], "loss must be one of mse, ce"),
     (["dtype=float16"], "dtype must be one of float32, float64"),
-    (["data=mnist"], "data must be one of digits"),
+    (["data=mnistt"], "data: unknown dataset 'mnistt'; available: digits, mnist"),
     (["learning_rate=-0.1"], "learning_rate must be > 0, got -0.1"),
     (["learning_rate=nan"], "learning_rate must be > 0, got nan"),
     (["momentum=1.5"], "momentum must be strictly between 0 and 1"),
@@ -70,6 +85,11 @@ BAD_SETS = [
     (["leaky_slope=1"], "leaky_slope must be strictly between 0 and 1"),
     (["channels=8,x"], "channels must be positive integers separated by commas"),
     (["channels=0"], "channels must be positive integers"),
+    (["estimator=magic"], "estimator must be one of reverse, truncated, forward, implicit"),
+    (["estimator=implicit"], "implicit estimator cannot differentiate learning_rate"),
+    (["estimator=implicit", "solver=neumann"], "solver neumann needs solver_step"),
+    (["estimator=truncated", "window=500"], "window must be at most steps (100)"),
+    (["online=maybe"], "online must be true or false"),
 ]
 
 

@@ -134,6 +134,28 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, mo
     assert summary(work) == summary(tmp_path / "ref")
 
 
+def test_online_run_resumes_after_a_kill_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    config = QuadConfig(online=True, steps=12, window=2, save_every=2, outer_lr=0.5)
+    run(QUAD, config, tmp_path / "ref", progress=False)
+    real_replace = os.replace
+    calls = []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(QUAD, config, tmp_path / "w", progress=False)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    run(QUAD, config, tmp_path / "w", progress=False, resume=True)
+    assert [r["inner_step"] for r in metrics(tmp_path / "ref")] == [2, 4, 6, 8, 10, 12]
+    assert metrics(tmp_path / "w") == metrics(tmp_path / "ref")
+    assert summary(tmp_path / "w") == summary(tmp_path / "ref")
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
     config = QuadConfig(meta_steps=2)
     run(QUAD, config, tmp_path, progress=False)
