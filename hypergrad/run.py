@@ -43,12 +43,19 @@ class Problem(NamedTuple):
 
 
 class Experiment(NamedTuple):
-    """A named, runnable experiment: its default config and how to build the problem."""
+    """A named, runnable experiment: its default config and how to build the problem.
+
+    Most experiments tune hyperparameters with the standard loop of :func:`run`. One that
+    measures something else (a comparison of estimators, say) gives ``main(config,
+    workdir, progress) -> summary``, which :func:`run` calls instead of the loop, after
+    writing ``config.json``; such a run cannot be resumed.
+    """
 
     name: str
     config: Config
     build: Callable[[Config], Problem]
     description: str
+    main: Callable[[Config, Path, bool], dict[str, Any]] | None = None
 
 
 class RunError(RuntimeError):
@@ -364,6 +371,8 @@ def run(
     config = config.validate()
     workdir = Path(workdir)
     began = time.perf_counter()
+    if experiment.main is not None:
+        return _run_main(experiment, config, workdir, progress, resume, out, began)
     problem = build(experiment, config)
     if not resume:
         prepare_workdir(workdir)
@@ -519,6 +528,20 @@ def run(
 
     plots.plot_run(workdir)
     print_summary(summary, out)
+    return summary
+
+
+def _run_main(experiment, config, workdir, progress, resume, out, began) -> dict[str, Any]:
+    """Run an experiment's own ``main`` in a fresh workdir; write its summary."""
+    if resume:
+        raise ConfigError(f"{experiment.name} cannot be resumed; run it again in a new workdir")
+    prepare_workdir(workdir)
+    (workdir / "config.json").write_text(
+        json.dumps({"experiment": experiment.name, **config.to_dict()}, indent=2) + "\n")
+    summary = {"experiment": experiment.name, **experiment.main(config, workdir, progress),
+               "seconds": time.perf_counter() - began}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2), file=out or sys.stdout)
     return summary
 
 
