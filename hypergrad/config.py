@@ -38,7 +38,12 @@ class Config:
         ``gd`` or ``adam`` update (0 turns clipping off); hypergradients of long unrolls
         spike near the edge of stability, and one spike can throw ``phi`` far away.
       seed: decides the data split, the initial weights and the minibatch order.
-      data: the dataset name.
+      data: the dataset: ``digits``, ``mnist``, ``fashion_mnist``, ``kmnist``, ``cifar10``
+        (tfds), ``idx:DIR`` (MNIST-format files) or ``npz:FILE``; see :mod:`hypergrad.data`.
+      data_train_size, data_val_size, data_test_size: the split sizes, set as
+        ``data.train_size`` etc.; ``data.test_size=0`` takes the source's own test split,
+        or the rest of the examples if it has none.
+      data_dir: where tfds keeps prepared datasets (``data.data_dir``; empty: tfds's default).
       loss: ``mse`` (on one-hot targets) or ``ce`` (cross-entropy).
       checkpoint: 0 stores every inner step for the backward pass; k > 0 stores the
         weights every k steps and recomputes the rest.
@@ -66,6 +71,10 @@ class Config:
     clip: float = 0.5
     seed: int = 0
     data: str = "digits"
+    data_train_size: int = dataclasses.field(default=1000, metadata={"key": "data.train_size"})
+    data_val_size: int = dataclasses.field(default=400, metadata={"key": "data.val_size"})
+    data_test_size: int = dataclasses.field(default=0, metadata={"key": "data.test_size"})
+    data_dir: str = dataclasses.field(default="", metadata={"key": "data.data_dir"})
     loss: str = "mse"
     checkpoint: int = 0
     dtype: str = "float32"
@@ -84,7 +93,7 @@ class Config:
 
     def validate(self) -> Config:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
-        from hypergrad.data import SOURCES  # here, not at import: data imports scikit-learn
+        from hypergrad.data import DataError, check_name  # here: data imports scikit-learn
 
         _at_least(self, "steps", 1)
         _at_least(self, "meta_steps", 1)
@@ -108,7 +117,13 @@ class Config:
                               "inner learning rate): --set solver_step=0.01")
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
-        _one_of(self, "data", tuple(sorted(SOURCES)))
+        try:
+            check_name(self.data)
+        except DataError as e:
+            raise ConfigError(f"data: {e}") from None
+        _at_least(self, "data_train_size", 1)
+        _at_least(self, "data_val_size", 1)
+        _at_least(self, "data_test_size", 0)
         _one_of(self, "dtype", DTYPES)
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ConfigError(f"outer_lr must be > 0 (or none for the default), got "
@@ -122,14 +137,20 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The config as a JSON-ready dict, keyed as ``--set`` spells the keys."""
+        return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _key(field: dataclasses.Field) -> str:
+    """A field's ``--set`` key: its name, or a dotted name such as ``data.train_size``."""
+    return field.metadata.get("key", field.name)
 
 
 def _at_least(config: Config, name: str, low: int) -> None:
     value = getattr(config, name)
     if value < low:
-        raise ConfigError(f"{name} must be at least {low}, got {value}")
+        key = _key(next(f for f in dataclasses.fields(config) if f.name == name))
+        raise ConfigError(f"{key} must be at least {low}, got {value}")
 
 
 def _one_of(config: Config, name: str, choices: tuple[str, ...]) -> None:
@@ -166,7 +187,7 @@ def override(config: Config, assignments: list[str]) -> Config:
     An unknown key names the closest valid ones; a value is parsed by the field's type.
     """
     hints = typing.get_type_hints(type(config))
-    fields = {f.name for f in dataclasses.fields(config)}
+    fields = {_key(f): f.name for f in dataclasses.fields(config)}
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, text = item.partition("=")
@@ -179,14 +200,14 @@ def override(config: Config, assignments: list[str]) -> Config:
             raise ConfigError(
                 f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(fields))})"
             )
-        kind, text = hints[key], text.strip()
+        kind, text = hints[fields[key]], text.strip()
         if isinstance(kind, types.UnionType):  # e.g. float | None
             options = typing.get_args(kind)
             if type(None) in options and text.lower() == "none":
-                changes[key] = None
+                changes[fields[key]] = None
                 continue
             kind = options[0]
-        changes[key] = _parse(key, text, kind)
+        changes[fields[key]] = _parse(key, text, kind)
     return dataclasses.replace(config, **changes).validate()
 
 
