@@ -20,11 +20,16 @@ PyTree = Any
 class InnerOptimizer(NamedTuple):
     """A differentiable optimizer: ``init(params) -> state`` and
     ``update(grads, state, params, hparams) -> (updates, state)``; ``params + updates`` is
-    the next iterate. ``reads`` names the hyperparameters it looks up in ``hparams``."""
+    the next iterate. ``reads`` names the hyperparameters it looks up in ``hparams``;
+    ``name`` and ``defaults`` (``(name, fixed value)`` pairs, a tuple so the optimizer
+    stays hashable as static jit data) let an estimator that reimplements the dynamics,
+    such as ``reversible``, recognize it."""
 
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree, Mapping[str, Any]], tuple[PyTree, PyTree]]
     reads: tuple[str, ...]
+    name: str = "custom"
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 class SgdState(NamedTuple):
@@ -94,7 +99,9 @@ def sgd(
         )
         return updates, SgdState(velocity)
 
-    return InnerOptimizer(init, update, ("learning_rate", "momentum", "weight_decay"))
+    defaults = (("learning_rate", learning_rate), ("momentum", momentum),
+                ("weight_decay", weight_decay))
+    return InnerOptimizer(init, update, tuple(n for n, _ in defaults), "sgd", defaults)
 
 
 def train_step(

@@ -36,7 +36,6 @@ Its vector-Jacobian products (including the Hessian-vector product ``H dv``) com
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -205,15 +204,13 @@ def _decode(z, dtype, fp: FixedPoint):
 
 def sgd_defaults(task: Task) -> dict[str, Any]:
     """The fixed values given to :func:`hypergrad.inner.sgd`; ValueError for any other."""
-    update = getattr(task.optimizer, "update", None)
-    if (getattr(update, "__module__", None) != "hypergrad.inner"
-            or not getattr(update, "__qualname__", "").startswith("sgd.")):
+    if task.optimizer.name != "sgd":
         raise ValueError(
             "the reversible estimator supports the inner optimizer hypergrad.inner.sgd only, "
-            f"got {task.optimizer!r:.80}"
+            f"got {task.optimizer.name!r}"
         )
-    closure = inspect.getclosurevars(update).nonlocals
-    return {name: closure[name] for name in SGD_NAMES}
+    defaults = dict(task.optimizer.defaults)
+    return {name: defaults[name] for name in SGD_NAMES}
 
 
 class _Problem(NamedTuple):
