@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 
 OUTERS = ("gd", "ncg", "adam")
-ESTIMATORS = ("reverse", "truncated", "forward", "implicit")
+ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
 SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
@@ -45,13 +45,15 @@ class Config:
         or the rest of the examples if it has none.
       data_dir: where tfds keeps prepared datasets (``data.data_dir``; empty: tfds's default).
       loss: ``mse`` (on one-hot targets) or ``ce`` (cross-entropy).
-      checkpoint: 0 stores every inner step for the backward pass; k > 0 stores the
-        weights every k steps and recomputes the rest.
+      checkpoint: ``none`` stores every inner step for the backward pass; ``step``
+        stores each step's weights; an integer k stores the weights every k steps and
+        recomputes the rest; ``nested`` checkpoints at two levels (memory ~ sqrt(T)).
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).
       estimator: the hypergradient method: ``reverse``, ``truncated`` (through the last
-        ``window`` steps), ``forward`` or ``implicit`` (with ``solver``, ``maxiter``).
+        ``window`` steps), ``forward``, ``implicit`` (with ``solver``, ``maxiter``) or
+        ``reversible`` (exact reversible SGD; needs float64).
       window: the truncated estimator's window K (at most ``steps``).
       solver: the implicit estimator's linear solver: ``cg``, ``neumann``, ``fixed_point``.
       maxiter: the implicit solver's iterations.
@@ -76,7 +78,7 @@ class Config:
     data_test_size: int = dataclasses.field(default=0, metadata={"key": "data.test_size"})
     data_dir: str = dataclasses.field(default="", metadata={"key": "data.data_dir"})
     loss: str = "mse"
-    checkpoint: int = 0
+    checkpoint: str = "none"
     dtype: str = "float32"
     save_every: int = 5
     estimator: str = "reverse"
@@ -98,7 +100,7 @@ class Config:
         _at_least(self, "steps", 1)
         _at_least(self, "meta_steps", 1)
         _at_least(self, "batch_size", 0)
-        _at_least(self, "checkpoint", 0)
+        self.checkpoint_policy()
         _at_least(self, "seed", 0)
         _at_least(self, "save_every", 1)
         _at_least(self, "window", 1)
@@ -135,6 +137,15 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
+
+    def checkpoint_policy(self) -> str | int | None:
+        """``checkpoint`` as :func:`hypergrad.estimators.reverse` takes it."""
+        if self.checkpoint in ("none", "step", "nested"):
+            return None if self.checkpoint == "none" else self.checkpoint
+        if self.checkpoint.isdigit() and int(self.checkpoint) >= 1:
+            return int(self.checkpoint)
+        raise ConfigError(f"checkpoint must be none, step, nested or a positive integer k, "
+                          f"got {self.checkpoint!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict, keyed as ``--set`` spells the keys."""

@@ -281,7 +281,7 @@ def _idx(folder: Path) -> _Source:
             have, want = next(iter(pair.items())), ({"images", "labels"} - set(pair)).pop()
             raise DataError(f"{where}: {have[1].name} has no matching {want} file "
                             f"({prefix}-{want}-idx{_IDX_KIND[want]}-ubyte[.gz])")
-    is_test = {p: p.lower() in ("t10k", "test") for p in found}
+    is_test = {p: p.lower().endswith(("t10k", "test")) for p in found}
     train = [p for p in found if not is_test[p]]
     test = [p for p in found if is_test[p]]
     if not found:
@@ -339,7 +339,9 @@ def _tfds(name: str, data_dir: str | None) -> _Source:
     level = absl.level
     absl.setLevel(logging.ERROR)  # tfds logs warnings to stderr; our errors are one line
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        # data_source reads ArrayRecord files only; tfds prepares TFRecord unless told.
+        kwargs = {"file_format": "array_record"}
+        builder = tfds.builder(name, data_dir=data_dir, **kwargs)
         if not builder.is_prepared():
             try:
                 builder.download_and_prepare()
@@ -349,11 +351,19 @@ def _tfds(name: str, data_dir: str | None) -> _Source:
                 raise DataError(
                     f"{name} is not prepared in {where} and could not be downloaded "
                     f"({type(e).__name__}: {reason}); prepare it on a machine with network "
-                    f"(`{INSTALL_TFDS}` then `tfds build {name} --data_dir DIR`), copy DIR "
+                    f"(`{INSTALL_TFDS}` then `tfds build {name} --file_format=array_record "
+                    "--data_dir DIR`), copy DIR "
                     "here and --set data.data_dir=DIR, or use data=idx:DIR with "
                     "MNIST-format files") from None
-        train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
-                                       download=False)
+        try:
+            train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
+                                           builder_kwargs=kwargs, download=False)
+        except (NotImplementedError, ValueError) as e:  # prepared as TFRecord only
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(
+                f"{name} in {builder.data_dir} cannot be read with random access ({reason}); "
+                f"prepare it again with `tfds build {name} --file_format=array_record` "
+                "into another --data_dir") from None
         num_classes = builder.info.features["label"].num_classes
     finally:
         absl.setLevel(level)

@@ -87,11 +87,13 @@ def get_experiment(name: str) -> Experiment:
 
 def estimator_for(config: Config) -> Estimator:
     """The hypergradient estimator a config asks for."""
-    checkpoint = config.checkpoint or None
+    checkpoint = config.checkpoint_policy()
     if config.estimator == "truncated":
         return estimators.truncated(config.window, checkpoint=checkpoint)
     if config.estimator == "forward":
         return estimators.forward()
+    if config.estimator == "reversible":
+        return estimators.reversible()
     if config.estimator == "implicit":
         return estimators.implicit(config.solver, maxiter=config.maxiter, tol=config.tol,
                                    alpha=config.solver_step)

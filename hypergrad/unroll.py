@@ -33,28 +33,38 @@ def batch_indices(key: jax.Array, num_examples: int, batch_size: int, steps: int
     return idx[:steps].astype(jnp.int32)
 
 
-def _check_policy(checkpoint: Any) -> int | None:
-    """Normalize a checkpoint policy to ``None`` (store everything) or a chunk length k."""
+def _check_policy(checkpoint: Any) -> int | str | None:
+    """Normalize a checkpoint policy to ``None`` (store everything), a chunk length k, or
+    ``"nested"``."""
     if checkpoint is None or checkpoint == "none":
         return None
     if checkpoint == "step":
         return 1
+    if checkpoint == "nested":
+        return "nested"
     if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1:
         return checkpoint
     raise ValueError(
-        f"checkpoint must be None, 'step' or a positive integer k (every k steps), "
-        f"got {checkpoint!r}"
+        f"checkpoint must be None, 'step', 'nested' or a positive integer k (every k "
+        f"steps), got {checkpoint!r}"
     )
 
 
-def _scan(body, carry, xs, length: int, every: int | None):
+def _scan(body, carry, xs, length: int, every: int | str | None):
     """``lax.scan(body, carry, xs, length)``, rematerialized in chunks of ``every`` steps.
+
+    ``every = "nested"`` is two-level checkpointing: chunks of about sqrt(T) steps, and
+    inside a chunk being recomputed only each step's weights are kept, so memory grows
+    like sqrt(T) states plus one step's activations, for about one extra forward pass.
 
     With ``every = k`` only the carry at every k-th step is kept for the backward pass;
     each chunk's k steps are recomputed from it (memory ~ T/k + k states).
     """
     if every is None:
         return jax.lax.scan(body, carry, xs, length=length)
+    if every == "nested":
+        every = max(1, math.isqrt(length - 1) + 1)  # ceil(sqrt(T))
+        body = jax.checkpoint(body, prevent_cse=False)
 
     def chunk(c, chunk_xs, n):
         return jax.lax.scan(body, c, chunk_xs, length=n)
@@ -154,7 +164,8 @@ def unroll(
         minibatch order; the same key gives the same training run.
       checkpoint: ``None`` keeps every step's activations for the backward pass;
         ``"step"`` keeps only each step's weights; an integer k keeps the weights every k
-        steps and recomputes the rest.
+        steps and recomputes the rest; ``"nested"`` checkpoints at two levels (memory
+        ~ sqrt(T) states, about one extra forward pass).
 
     Returns:
       ``(params_T, train_losses)``, the trained weights and each step's batch loss.

@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--conv", nargs="+", default=["matmul", "native"],
                    choices=["matmul", "native"])
     p.add_argument("--checkpoint", nargs="+", default=["none", "10"],
-                   help="'none', 'step' or an integer k")
+                   help="'none', 'step', 'nested' or an integer k")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the rows to this file")
@@ -78,7 +78,7 @@ def main() -> None:
     for steps in args.steps:
         for conv in args.conv:
             for ck in args.checkpoint:
-                checkpoint = None if ck == "none" else ("step" if ck == "step" else int(ck))
+                checkpoint = None if ck == "none" else (ck if ck in ("step", "nested") else int(ck))
                 row = bench(steps, conv, checkpoint, args.repeats, args.batch_size)
                 rows.append(row)
                 print(f"{steps:>4} {conv:>7} {ck:>5} {row['train_seconds']:9.3f} "

@@ -34,7 +34,7 @@ def test_list(capsys):
     assert "seed-cnn" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("estimator", ["reverse", "forward"])
+@pytest.mark.parametrize("estimator", ["reverse", "forward", "reversible"])
 def test_check_is_below_tolerance(estimator, capsys):
     assert main(["check", *TINY, "--set", f"estimator={estimator}"]) == 0
     out = capsys.readouterr().out
@@ -69,7 +69,7 @@ BAD_SETS = [
     (["batch_size=5000"], "batch_size must be an integer in [1, 1000]"),
     (["seed=-1"], "seed must be at least 0"),
     (["save_every=0"], "save_every must be at least 1"),
-    (["checkpoint=-2"], "checkpoint must be at least 0"),
+    (["checkpoint=-2"], "checkpoint must be none, step, nested or a positive integer"),
     (["outer=sgd"], "outer must be one of gd, ncg, adam"),
     (["outer_lr=0"], "outer_lr must be > 0"),
     (["outer_lr=fast"], "outer_lr must be a number, got 'fast'"),
@@ -85,7 +85,8 @@ BAD_SETS = [
     (["leaky_slope=1"], "leaky_slope must be strictly between 0 and 1"),
     (["channels=8,x"], "channels must be positive integers separated by commas"),
     (["channels=0"], "channels must be positive integers"),
-    (["estimator=magic"], "estimator must be one of reverse, truncated, forward, implicit"),
+    (["estimator=magic"], "estimator must be one of reverse, truncated, forward, implicit, "
+                          "reversible"),
     (["estimator=implicit"], "implicit estimator cannot differentiate learning_rate"),
     (["estimator=implicit", "solver=neumann"], "solver neumann needs solver_step"),
     (["estimator=truncated", "window=500"], "window must be at most steps (100)"),

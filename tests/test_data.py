@@ -149,6 +149,20 @@ def test_sources_without_a_test_split_are_cut_in_three(arrays, tmp_path):
     assert sorted(np.concatenate(parts)) == list(range(300))
 
 
+def test_other_idx_file_names(arrays, tmp_path, sources):
+    """Kaggle's ``train-images.idx3-ubyte`` and EMNIST's ``emnist-digits-test-...``."""
+    folder = tmp_path / "named"
+    folder.mkdir()
+    write_idx(folder / "train-images.idx3-ubyte", arrays["x_train"])
+    write_idx(folder / "train-labels.idx1-ubyte", arrays["y_train"])
+    write_idx(folder / "emnist-digits-test-images-idx3-ubyte", arrays["x_test"], gz=True)
+    write_idx(folder / "emnist-digits-test-labels-idx1-ubyte", arrays["y_test"], gz=True)
+    a = hg.data.load(f"idx:{folder}", train_size=100, val_size=50)
+    b = hg.data.load(sources["npz"], train_size=100, val_size=50)
+    for u, v in zip(as_numpy(a), as_numpy(b), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
 def test_npz_colour_images_and_float_pixels(tmp_path):
     x = np.random.default_rng(0).random((40, 32, 32, 3)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x, y=np.arange(40) % 10)
@@ -257,8 +271,27 @@ def test_tfds_not_prepared_and_offline(monkeypatch, tmp_path):
     message = str(e.value)
     assert "\n" not in message
     for part in ("fashion_mnist is not prepared in", str(tmp_path), "ConnectionError",
-                 "tfds build fashion_mnist --data_dir DIR", "data.data_dir", "idx:DIR"):
+                 "tfds build fashion_mnist --file_format=array_record --data_dir DIR",
+                 "data.data_dir", "idx:DIR"):
         assert part in message
+
+
+def test_tfds_prepared_as_tfrecord_only(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    asked = {}
+
+    def data_source(name, **kwargs):
+        asked.update(kwargs)
+        raise NotImplementedError("Random access data source for file format tfrecord is "
+                                  "not supported. Possible root causes:\n\t* ...")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(hg.data.DataError) as e:
+        hg.data.load("kmnist", data_dir=str(tmp_path))
+    assert asked["builder_kwargs"] == {"file_format": "array_record"}
+    assert "\n" not in str(e.value)
+    assert "tfds build kmnist --file_format=array_record" in str(e.value)
 
 
 # --- config keys and the command line -----------------------------------------------------

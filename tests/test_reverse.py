@@ -25,7 +25,7 @@ def quadratic_task(alpha, steps, n=5, seed=0):
     return task, a, w0
 
 
-@pytest.mark.parametrize("checkpoint", [None, "step", 4])
+@pytest.mark.parametrize("checkpoint", [None, "step", 4, "nested"])
 @pytest.mark.parametrize("alpha, steps", [(0.3, 10), (0.9, 37)])
 def test_learning_rate_of_gradient_descent_on_a_quadratic(alpha, steps, checkpoint):
     task, a, w0 = quadratic_task(alpha, steps)
@@ -71,7 +71,7 @@ def test_logistic_regression_against_central_differences(batch_size):
         assert r["rel_error"] <= 1e-6, r
 
 
-@pytest.mark.parametrize("checkpoint", ["step", 1, 5, 7, 12, 50])
+@pytest.mark.parametrize("checkpoint", ["step", 1, 5, 7, 12, 50, "nested"])
 def test_checkpoint_policies_change_nothing(checkpoint):
     task = logreg_task(steps=12)
     phi, key = task.space.init(), jax.random.key(3)

@@ -19,7 +19,8 @@ def reverse(checkpoint: Any = None) -> Estimator:
 
     Args:
       checkpoint: ``None`` (store every step), ``"step"`` (store each step's weights and
-        recompute activations) or an integer k (store the weights every k steps).
+        recompute activations), an integer k (store the weights every k steps) or
+        ``"nested"`` (two levels: about sqrt(T) stored states, one extra forward pass).
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``grad`` is shaped like
