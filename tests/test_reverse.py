@@ -60,6 +60,17 @@ def logreg_task(steps=12, batch_size=20, seed=0):
                    space=space, optimizer=hg.inner.sgd(), steps=steps, batch_size=batch_size)
 
 
+def counting(task):
+    """``task`` with losses that count their traces, and the list they append to."""
+    traces, base = [], task.train_loss
+
+    def loss(p, hparams, batch):
+        traces.append(1)
+        return base(p, hparams, batch)
+
+    return task.replace(train_loss=loss, val_loss=loss), traces
+
+
 @pytest.mark.parametrize("batch_size", [None, 20])
 def test_logistic_regression_against_central_differences(batch_size):
     task = logreg_task(batch_size=batch_size)
@@ -90,13 +101,7 @@ def test_bad_checkpoint_policy():
 
 def test_one_configuration_compiles_once():
     task = logreg_task()
-    traces, base = [], task.train_loss
-
-    def loss(p, hparams, batch):
-        traces.append(1)
-        return base(p, hparams, batch)
-
-    task = task.replace(train_loss=loss, val_loss=loss)
+    task, traces = counting(task)
     est = jax.jit(hg.estimators.reverse())
     phi = task.space.init()
     est(task, phi, jax.random.key(0))

@@ -9,7 +9,7 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators.reversible import reversible
-from tests.test_reverse import logreg_task, tiny_cnn_task
+from tests.test_reverse import counting, logreg_task, tiny_cnn_task
 
 # The module's pieces (the package's `reversible` attribute is the estimator function).
 rv = sys.modules["hypergrad.estimators.reversible"]
@@ -188,13 +188,7 @@ def test_range_overflow_is_detected():
 
 def test_one_configuration_compiles_once():
     task = logreg_task()
-    traces, base = [], task.train_loss
-
-    def loss(p, hparams, batch):
-        traces.append(1)
-        return base(p, hparams, batch)
-
-    task = task.replace(train_loss=loss, val_loss=loss)
+    task, traces = counting(task)
     est = jax.jit(reversible())
     phi = task.space.init()
     est(task, phi, jax.random.key(0))
