@@ -1,92 +1,279 @@
-"""Time a reverse hypergradient of the seed CNN against plain training, in one process.
+"""Time and size every hypergradient estimator against plain training, one subprocess per case.
 
-Run:  python scripts/bench_unroll.py [--steps 50 200] [--conv matmul native] [--json FILE]
+Run:  python scripts/bench_unroll.py [--quick] [--json FILE]
+      python scripts/bench_unroll.py --steps 50 200 --conv matmul native --checkpoint none 10
 
-For each horizon T, convolution form and checkpoint policy it prints the time of T plain
-training steps, of the reverse hypergradient through them, their ratio, and the compile
-time of the hypergradient; every time is the median of several runs after a warm-up.
+The default grid is the seed CNN at T = 100, 200 and 1000 and an MLP (64-50-50-10) on digits at
+T = 10 000, batch 100, with: plain training; reverse without checkpointing, every 10 steps
+and "nested"; truncated (window 20); forward; implicit; reversible. Each case runs in a
+fresh Python process (the script re-invokes itself with ``--case JSON``) and reports
+
+- time: median of repeats after a warm-up (repeats chosen so a case runs about
+  ``--budget`` seconds, between 1 and ``--repeats``), and the ratio to plain training;
+- compile time of the jitted function;
+- XLA's own memory numbers, ``jax.jit(f).lower(...).compile().memory_analysis()``:
+  argument + output + temp bytes, exact and independent of the allocator;
+- ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after setup (data, task, jax imported),
+  after compiling and after running; ``rss_run_bytes`` is the growth of the high-water
+  mark during the run over the larger of the first two.
+
+``peak_memory_ratio`` is XLA's argument + output + temp bytes over those of plain
+training at the same T (same model and dtype mode); ``rss_ratio`` the same for
+``rss_run_bytes``, which is coarse for small cases (allocator pages, compile peaks).
+
+Notes: ``implicit`` cannot differentiate sgd's learning rate, momentum or weight decay
+(they are not in the stationarity condition), so its rows tune only the leaky-ReLU slope
+(the others fixed at their initial values), with Neumann iterations (alpha = the learning
+rate, ``--implicit-iters`` of them). ``reversible`` needs int64 fixed point, so its rows
+run with ``jax_enable_x64`` (float32 weights and data) and are compared with plain
+training also run under x64. A case whose compiled program would need more than
+``--max-bytes`` is compiled and sized but not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 
-import jax
-import jax.numpy as jnp
-
-import hypergrad as hg
-from hypergrad.task import seed_cnn
-from hypergrad.unroll import unroll
+LR, MOMENTUM, WD, SLOPE = 0.01, 0.5, 1e-3, 0.01
 
 
-def _median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def bench(steps: int, conv: str, checkpoint, repeats: int, batch_size: int) -> dict:
+# --------------------------------------------------------------------------------------
+# One case, in its own process
+
+
+def run_case(case: dict) -> dict:
+    import jax
+
+    if case["x64"]:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import hypergrad as hg
+    from hypergrad.task import classification, seed_cnn
+    from hypergrad.unroll import unroll
+
+    est_name = case["estimator"]
+    if est_name == "implicit":
+        space = hg.HyperSpace({"leaky_slope": hg.bounded(SLOPE, 0.0, 1.0)})
+        optimizer = hg.inner.sgd(learning_rate=LR, momentum=MOMENTUM, weight_decay=WD)
+    else:
+        space = hg.HyperSpace({"learning_rate": hg.positive(LR), "momentum": hg.unit(MOMENTUM),
+                               "weight_decay": hg.positive(WD),
+                               "leaky_slope": hg.bounded(SLOPE, 0.0, 1.0)})
+        optimizer = None
     data = hg.data.load("digits", seed=0)
-    space = hg.HyperSpace({"learning_rate": hg.positive(0.01), "momentum": hg.unit(0.5),
-                           "weight_decay": hg.positive(1e-3),
-                           "leaky_slope": hg.bounded(0.01, 0.0, 1.0)})
-    task, _ = seed_cnn(data, space, steps=steps, batch_size=batch_size, conv=conv)
+    if case["model"] == "cnn":
+        task, _ = seed_cnn(data, space, steps=case["T"], batch_size=case["batch_size"],
+                           conv=case["conv"])
+        if optimizer is not None:
+            task = task.replace(optimizer=optimizer)
+    else:
+        model = hg.models.MLP(nnx.Rngs(0), sizes=(64, 50, 50, 10))
+        task, _ = classification(model, data, space, steps=case["T"],
+                                 batch_size=case["batch_size"], optimizer=optimizer)
     phi, key = space.init(jnp.float32), jax.random.key(0)
 
-    train = jax.jit(lambda t, p, k: unroll(t, t.space.constrain(p), k)[0])
-    est = jax.jit(hg.estimators.reverse(checkpoint))
+    ck = case["checkpoint"]
+    checkpoint = None if ck in (None, "none") else (ck if ck in ("step", "nested") else int(ck))
+    extras = {}
+    if est_name == "train":
+        def fn(t, p, k):
+            return unroll(t, t.space.constrain(p), k)[0]
+    else:
+        if est_name == "reverse":
+            est = hg.estimators.reverse(checkpoint)
+        elif est_name == "truncated":
+            est = hg.estimators.truncated(case["window"], checkpoint)
+        elif est_name == "forward":
+            est = hg.estimators.forward()
+        elif est_name == "implicit":
+            est = hg.estimators.implicit("neumann", maxiter=case["implicit_iters"], alpha=LR,
+                                         tol=0.0)
+        elif est_name == "reversible":
+            est = hg.estimators.reversible()
+        else:
+            raise ValueError(est_name)
+        keep = {"implicit": ("iterations",),
+                "reversible": ("exact", "overflow", "bits_per_param_step",
+                               "capacity_bits")}.get(est_name, ())
 
+        def fn(t, p, k):
+            _, grad, aux = est(t, p, k)
+            return grad, {name: aux[name] for name in keep}
+
+    rss_setup = _rss()
     t0 = time.perf_counter()
-    est_compiled = est.lower(task, phi, key).compile()
+    compiled = jax.jit(fn).lower(task, phi, key).compile()
     compile_seconds = time.perf_counter() - t0
-    train_compiled = train.lower(task, phi, key).compile()
-    jax.block_until_ready(train_compiled(task, phi, key))  # warm-up
-    jax.block_until_ready(est_compiled(task, phi, key))
+    rss_compiled = _rss()
+    ma = compiled.memory_analysis()
+    xla = {name: int(getattr(ma, f"{name}_size_in_bytes"))
+           for name in ("argument", "output", "temp", "alias")}
+    xla_total = xla["argument"] + xla["output"] + xla["temp"]
+    row = {"compile_seconds": compile_seconds, "xla_bytes": xla_total,
+           **{f"xla_{k}_bytes": v for k, v in xla.items()},
+           "rss_setup_bytes": rss_setup, "rss_compiled_bytes": rss_compiled,
+           "num_params": int(sum(x.size for x in jax.tree.leaves(task.init_params(key, None))))}
+    if xla_total > case["max_bytes"]:
+        row.update(skipped=f"needs {xla_total / 2**30:.1f} GiB > --max-bytes", seconds=None,
+                   rss_peak_bytes=None, rss_run_bytes=None)
+        return row
 
-    train_seconds = _median_seconds(lambda: train_compiled(task, phi, key), repeats)
-    hypergrad_seconds = _median_seconds(lambda: est_compiled(task, phi, key)[1], repeats)
-    return {"estimator": "reverse", "checkpoint": checkpoint, "conv": conv, "T": steps,
-            "batch_size": batch_size, "train_seconds": train_seconds,
-            "hypergrad_seconds": hypergrad_seconds,
-            "ratio": hypergrad_seconds / train_seconds, "compile_seconds": compile_seconds,
-            "backend": jax.default_backend()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # implicit's NotConvergedWarning (tol=0 on purpose)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(task, phi, key))  # warm-up
+        first = time.perf_counter() - t0
+        repeats = max(1, min(case["repeats"], int(case["budget"] / max(first, 1e-6))))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(compiled(task, phi, key))
+            times.append(time.perf_counter() - t0)
+    rss_peak = _rss()
+    if est_name != "train":
+        extras = {k: v.item() for k, v in out[1].items()}
+        grad = jax.tree.leaves(out[0])
+        extras["grad_finite"] = bool(all(bool(jnp.all(jnp.isfinite(g))) for g in grad))
+    row.update(seconds=statistics.median(times), repeats=repeats, rss_peak_bytes=rss_peak,
+               rss_run_bytes=max(0, rss_peak - max(rss_setup, rss_compiled)), **extras)
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# The grid, in the parent
+
+
+def _label(ck) -> str:
+    return "none" if ck in (None, "none") else ("every 10" if str(ck) == "10" else str(ck))
+
+
+def grid(args) -> list[dict]:
+    """All cases, each plain-training case first within its (model, T, x64) group."""
+    base = {"batch_size": args.batch_size, "repeats": args.repeats, "budget": args.budget,
+            "max_bytes": args.max_bytes, "implicit_iters": args.implicit_iters,
+            "window": args.window}
+    groups = [("cnn", t, conv) for t in args.steps for conv in args.conv]
+    groups += [("mlp", t, None) for t in args.mlp_steps]
+    cases = []
+    for model, T, conv in groups:
+        common = dict(base, model=model, T=T, conv=conv)
+        ests = [("train", None, False)]
+        for e in args.estimators:
+            if e == "reverse":
+                ests += [("reverse", ck, False) for ck in args.checkpoint]
+            elif e == "reversible":
+                ests += [("train", None, True), ("reversible", None, True)]
+            else:
+                ests.append((e, None, False))
+        for e, ck, x64 in ests:
+            cases.append(dict(common, estimator=e, checkpoint=ck, x64=x64))
+    return cases
+
+
+def run_in_subprocess(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout:.0f} s", "seconds": None}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"skipped": f"failed (rc {p.returncode}): {tail[:200]}", "seconds": None}
+    return json.loads(lines[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, nargs="+", default=[50, 200])
-    p.add_argument("--conv", nargs="+", default=["matmul", "native"],
-                   choices=["matmul", "native"])
-    p.add_argument("--checkpoint", nargs="+", default=["none", "10"],
-                   help="'none', 'step', 'nested' or an integer k")
+    p.add_argument("--steps", type=int, nargs="+", default=[100, 200, 1000],
+                   help="seed-CNN horizons T")
+    p.add_argument("--mlp-steps", type=int, nargs="*", default=[10000],
+                   help="MLP (64-50-50-10) horizons T; none to skip the MLP")
+    p.add_argument("--conv", nargs="+", default=["auto"], choices=["auto", "matmul", "native"])
+    p.add_argument("--checkpoint", nargs="+", default=["none", "10", "nested"],
+                   help="reverse's policies: 'none', 'step', 'nested' or an integer k")
+    p.add_argument("--estimators", nargs="+",
+                   default=["reverse", "truncated", "forward", "implicit", "reversible"],
+                   choices=["reverse", "truncated", "forward", "implicit", "reversible"])
+    p.add_argument("--window", type=int, default=20, help="truncated's window")
+    p.add_argument("--implicit-iters", type=int, default=50, help="implicit's Neumann terms")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="most timed runs per case")
+    p.add_argument("--budget", type=float, default=6.0,
+                   help="seconds of timed runs to aim for per case")
+    p.add_argument("--max-bytes", type=float, default=6 * 2**30,
+                   help="do not run a case whose XLA argument+output+temp bytes exceed this")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per case")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke subset: CNN T=20, MLP T=50, one repeat")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    rows = []
-    header = (f"{'T':>4} {'conv':>7} {'ckpt':>5} {'train s':>9} {'hypergrad s':>12} "
-              f"{'ratio':>6} {'compile s':>10}")
-    print(f"backend: {jax.default_backend()}, batch {args.batch_size}")
-    print(header)
-    for steps in args.steps:
-        for conv in args.conv:
-            for ck in args.checkpoint:
-                checkpoint = None if ck == "none" else (ck if ck in ("step", "nested") else int(ck))
-                row = bench(steps, conv, checkpoint, args.repeats, args.batch_size)
-                rows.append(row)
-                print(f"{steps:>4} {conv:>7} {ck:>5} {row['train_seconds']:9.3f} "
-                      f"{row['hypergrad_seconds']:12.3f} {row['ratio']:6.2f} "
-                      f"{row['compile_seconds']:10.2f}", flush=True)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))), flush=True)
+        return
+    if args.quick:
+        args.steps, args.mlp_steps, args.repeats, args.budget = [20], [50], 1, 0.0
+
+    import jax
+    print(f"backend: {jax.default_backend()}, batch {args.batch_size}; one process per case")
+    print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'x64':>3} {'seconds':>9} "
+          f"{'ratio':>6} {'compile s':>9} {'XLA MiB':>9} {'mem ratio':>9} {'RSS MiB':>8} "
+          f"{'rss ratio':>9}", flush=True)
+    rows, train = [], {}
+    for case in grid(args):
+        r = run_in_subprocess(case, args.timeout)
+        group = (case["model"], case["T"], case["conv"], case["x64"])
+        if case["estimator"] == "train":
+            train[group] = r
+        base = train.get(group, {})
+        ts, tx, tr = base.get("seconds"), base.get("xla_bytes"), base.get("rss_run_bytes")
+        hs = r.get("seconds")
+        row = {"estimator": case["estimator"], "checkpoint": case["checkpoint"],
+               "model": case["model"], "conv": case["conv"], "T": case["T"],
+               "batch_size": case["batch_size"], "x64": case["x64"],
+               "window": case["window"] if case["estimator"] == "truncated" else None,
+               "train_seconds": ts, "hypergrad_seconds": hs,
+               "ratio": hs / ts if hs and ts else None,
+               "compile_seconds": r.get("compile_seconds"),
+               "peak_memory_ratio": r["xla_bytes"] / tx if r.get("xla_bytes") and tx else None,
+               "rss_ratio": (r["rss_run_bytes"] / tr if r.get("rss_run_bytes") is not None
+                             and tr else None),
+               "backend": jax.default_backend(),
+               **{k: v for k, v in r.items() if k not in ("seconds", "compile_seconds")}}
+        rows.append(row)
+
+        def f(x, fmt):
+            return format(x, fmt) if x is not None else "-".rjust(int(fmt.split(".")[0]))
+        mib = r.get("xla_bytes")
+        rss = r.get("rss_run_bytes")
+        print(f"{case['model']:>5} {case['T']:>6} {case['estimator']:>10} "
+              f"{_label(case['checkpoint']):>8} {'y' if case['x64'] else '':>3} "
+              f"{f(hs, '9.3f')} {f(row['ratio'], '6.2f')} "
+              f"{f(row['compile_seconds'], '9.2f')} "
+              f"{f(mib / 2**20 if mib else None, '9.2f')} "
+              f"{f(row['peak_memory_ratio'], '9.2f')} "
+              f"{f(rss / 2**20 if rss is not None else None, '8.1f')} "
+              f"{f(row['rss_ratio'], '9.2f')}"
+              + (f"  [{r['skipped']}]" if r.get("skipped") else ""), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
 
 
 if __name__ == "__main__":
