@@ -34,12 +34,12 @@ def batch_indices(key: jax.Array, num_examples: int, batch_size: int, steps: int
 
 
 def _check_policy(checkpoint: Any) -> int | str | None:
-    """Normalize a checkpoint policy to ``None`` (store everything), a chunk length k, or
-    ``"nested"``."""
+    """Normalize a checkpoint policy to ``None`` (store everything), ``"step"``, a chunk
+    length k > 1, or ``"nested"``."""
     if checkpoint is None or checkpoint == "none":
         return None
-    if checkpoint == "step":
-        return 1
+    if checkpoint == "step" or (checkpoint == 1 and not isinstance(checkpoint, bool)):
+        return "step"
     if checkpoint == "nested":
         return "nested"
     if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1:
@@ -62,6 +62,8 @@ def _scan(body, carry, xs, length: int, every: int | str | None):
     """
     if every is None:
         return jax.lax.scan(body, carry, xs, length=length)
+    if every == "step":  # keep each step's input state, recompute the step's activations
+        return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), carry, xs, length=length)
     if every == "nested":
         every = max(1, math.isqrt(length - 1) + 1)  # ceil(sqrt(T))
         body = jax.checkpoint(body, prevent_cse=False)
