@@ -586,10 +586,3 @@ def check(experiment: Experiment, config: Config, *, directions: int | None = No
     phi = task.space.init(jnp.float64)
     return directional_errors(estimator_for(config), task, phi, jax.random.key(config.seed),
                               directions=directions)
-
-
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``, in order."""
-    with open(Path(workdir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
