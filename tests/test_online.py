@@ -44,6 +44,9 @@ def test_one_step_identity_and_the_sgd_hd_update():
     theta1 = theta0 - alpha * g0
     g1 = jax.grad(f)(theta1)
     np.testing.assert_allclose(dalpha, -g1 @ g0, rtol=1e-12)
+    eps = 1e-6  # and against central differences, not only jax.grad
+    numeric = (f(theta0 - (alpha + eps) * g0) - f(theta0 - (alpha - eps) * g0)) / (2 * eps)
+    np.testing.assert_allclose(numeric, -g1 @ g0, rtol=1e-7)
 
     opt = hg.online.sgd_hd(alpha, beta)
     state = opt.init(theta0)
