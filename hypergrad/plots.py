@@ -39,10 +39,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(workdir / "val_loss.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(_save(plt, fig, workdir / "val_loss.png"))
 
     names = list(records[0]["hparams"]) if records else []
     if names:
@@ -56,8 +53,12 @@ def plot_run(workdir: str | Path) -> list[Path]:
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("meta-step")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(workdir / "hparams.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_save(plt, fig, workdir / "hparams.png"))
     return paths
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
