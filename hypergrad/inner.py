@@ -104,6 +104,80 @@ def sgd(
     return InnerOptimizer(init, update, tuple(n for n, _ in defaults), "sgd", defaults)
 
 
+class AdamState(NamedTuple):
+    """State of :func:`adam`: the step count and both moment estimates."""
+
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` whose derivative at 0 is 0 instead of infinity (a weight whose gradient
+    has always been 0 must not turn the hypergradient into NaN)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def adam(
+    learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8, weight_decay: float = 0.0,
+) -> InnerOptimizer:
+    """Adam with decoupled weight decay (AdamW), differentiable in all five.
+
+    ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2``;
+    ``w <- w - learning_rate * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)`` with the
+    bias corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)`` (Kingma & Ba
+    2015, Alg. 1; Loshchilov & Hutter 2019 for the decay). Each hyperparameter is read
+    from ``hparams`` under its own name when the space tunes it (with any granularity or
+    schedule), and otherwise takes the value given here.
+
+    Args:
+      learning_rate: the fixed step size; ``None`` means the space must tune it.
+      b1, b2: the fixed decay rates of the first and second moment estimates.
+      eps: the fixed denominator offset.
+      weight_decay: the fixed decoupled decay coefficient.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return AdamState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+    def update(grads, state, params, hparams):
+        def read(name, default):
+            return per_leaf(lookup(hparams, name, default, "adam"), params)
+
+        lr, beta1, beta2 = read("learning_rate", learning_rate), read("b1", b1), read("b2", b2)
+        epsilon, wd = read("eps", eps), read("weight_decay", weight_decay)
+        count = state.count + 1
+        t = count.astype(jnp.result_type(float))
+
+        mu = jax.tree.map(lambda g, m, w, b: (b * m + (1 - b) * g).astype(w.dtype),
+                          grads, state.mu, params, beta1)
+        nu = jax.tree.map(lambda g, v, w, b: (b * v + (1 - b) * g * g).astype(w.dtype),
+                          grads, state.nu, params, beta2)
+
+        def step(m, v, w, lr, beta1, beta2, epsilon, wd):
+            m_hat = m / (1 - beta1 ** t)
+            v_hat = v / (1 - beta2 ** t)
+            return (-lr * (m_hat / (_safe_sqrt(v_hat) + epsilon) + wd * w)).astype(w.dtype)
+
+        updates = jax.tree.map(step, mu, nu, params, lr, beta1, beta2, epsilon, wd)
+        return updates, AdamState(count, mu, nu)
+
+    defaults = (("learning_rate", learning_rate), ("b1", b1), ("b2", b2), ("eps", eps),
+                ("weight_decay", weight_decay))
+    return InnerOptimizer(init, update, tuple(n for n, _ in defaults), "adam", defaults)
+
+
+def by_name(name: str, **fixed: Any) -> InnerOptimizer:
+    """The inner optimizer called ``name`` (``"sgd"`` or ``"adam"``) with fixed values."""
+    makers = {"sgd": sgd, "adam": adam}
+    if name not in makers:
+        raise ValueError(f"unknown inner optimizer {name!r}; choose sgd or adam")
+    return makers[name](**fixed)
+
+
 def train_step(
     train_loss: Callable, optimizer: InnerOptimizer, hparams: Mapping[str, Any],
     state: InnerState, batch: PyTree,

@@ -4,7 +4,8 @@ Models are defined with NNX. At the boundary of the differentiable loop, :func:`
 splits a module into a pure function and a plain dict of arrays, so that ``lax.scan``,
 ``jax.grad`` and ``jax.jvp`` only ever see pytrees. Every model is called as
 ``model(x, slope)``, where ``slope`` is the negative slope of the leaky ReLU (a
-differentiable hyperparameter; 0 gives the plain ReLU).
+differentiable hyperparameter; 0 gives the plain ReLU), or a list of slopes, one per
+activation layer (:func:`activation_layers`).
 """
 
 import functools
@@ -28,6 +29,7 @@ __all__ = [
     "LogisticRegression",
     "SeedCNN",
     "accuracy",
+    "activation_layers",
     "cross_entropy",
     "functional",
     "leaky_relu",
@@ -80,6 +82,19 @@ def functional(module: nnx.Module) -> Functional:
 
 # --------------------------------------------------------------------------------------
 # Layers
+
+
+def _slope(slope: Any, i: int) -> Any:
+    """The slope of activation layer ``i``: ``slope[i]`` for a list or tuple (one per
+    activation layer), else ``slope`` itself."""
+    return slope[i] if isinstance(slope, list | tuple) else slope
+
+
+def activation_layers(model: nnx.Module) -> tuple[tuple[Any, ...], ...]:
+    """The parameter paths of the layers a leaky ReLU follows, in order, such as
+    ``(("convs", 0), ("convs", 1), ("convs", 2))`` for :class:`SeedCNN`; a per-layer
+    slope is a list with one value for each."""
+    return tuple(getattr(model, "activations", lambda: ())())
 
 
 def leaky_relu(x: Array, slope: Array | float) -> Array:
@@ -201,11 +216,15 @@ class SeedCNN(nnx.Module):
         h, w = image_shape
         self.head = _dense(h * w * widths[-1], num_classes, rngs, param_dtype)
 
-    def __call__(self, x: Array, slope: Array | float) -> Array:
+    def __call__(self, x: Array, slope: Array | float | Sequence) -> Array:
         x = x.reshape(x.shape[0], *self.input_shape)
-        for conv in self.convs:
-            x = leaky_relu(conv(x), slope)
+        for i, conv in enumerate(self.convs):
+            x = leaky_relu(conv(x), _slope(slope, i))
         return self.head(_flatten(x))
+
+    def activations(self) -> list[tuple[Any, ...]]:
+        """The paths of the convolutions, each followed by a leaky ReLU."""
+        return [("convs", i) for i in range(len(self.convs))]
 
 
 class MLP(nnx.Module):
@@ -224,13 +243,17 @@ class MLP(nnx.Module):
             for din, dout in zip(sizes[:-1], sizes[1:], strict=True)
         ])
 
-    def __call__(self, x: Array, slope: Array | float) -> Array:
+    def __call__(self, x: Array, slope: Array | float | Sequence) -> Array:
         x = _flatten(x)
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = leaky_relu(x, slope)
+                x = leaky_relu(x, _slope(slope, i))
         return x
+
+    def activations(self) -> list[tuple[Any, ...]]:
+        """The paths of the hidden layers, each followed by a leaky ReLU."""
+        return [("layers", i) for i in range(len(self.layers) - 1)]
 
 
 class LogisticRegression(nnx.Module):

@@ -24,7 +24,6 @@ from hypergrad import estimators
 from hypergrad import outer as outer_lib
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import Estimator
-from hypergrad.hparams import summarize
 from hypergrad.task import Task
 from hypergrad.unroll import objective, segment, start
 
@@ -193,7 +192,7 @@ def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int):
         def f(p):
             hparams = task.space.constrain(p)
             state, losses = segment(task, hparams, inner, data_key, begin, window)
-            return task.val_loss(state.params, hparams, task.val_data), (state, losses)
+            return task.validation_loss(state.params, hparams), (state, losses)
 
         (value, (new_inner, losses)), grad = jax.value_and_grad(f, has_aux=True)(phi)
         phi, opt_state, metrics = _guarded_update(
@@ -222,11 +221,13 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def score(problem: Problem):
-    """``(task, params, hparams) -> {"val_loss", "test_loss", "test_accuracy"}``."""
+    """``(task, params, hparams) -> {"val_loss", "test_loss", "test_accuracy"}``; the
+    experiment's ``evaluate`` reads ``hparams`` as they are at the last inner step."""
 
     def scores(task, params, hparams):
-        return {"val_loss": task.val_loss(params, hparams, task.val_data),
-                **problem.evaluate(params, hparams)}
+        last = task.space.at_step(hparams, task.steps - 1)
+        return {"val_loss": task.validation_loss(params, hparams),
+                **problem.evaluate(params, last)}
 
     return scores
 
@@ -411,7 +412,7 @@ def run(
         meta = {"meta_step": 0, "scale": 1.0, "rejected": 0,
                 "rejected_in_row": 0, "search_failures": 0, "stopped": None,
                 "elapsed": 0.0, "initial": initial,
-                "initial_hparams": summarize(task.space.constrain(phi)),
+                "initial_hparams": task.space.summarize(task.space.constrain(phi)),
                 "best": {"val_loss": None, "meta_step": None}, "inner_step": 0}
         metrics_path.write_text("")
         checkpoint.save(ckpt_path, arrays, meta)
@@ -452,7 +453,7 @@ def run(
                 arrays["phi"], arrays["opt_state"] = new_phi, new_state
                 meta["rejected_in_row"] = 0
                 record |= {"val_loss": val, "train_loss": float(m["train_loss"]),
-                           "hparams": summarize(m["hparams"]),
+                           "hparams": task.space.summarize(m["hparams"]),
                            "hypergrad_norm": float(m["hypergrad_norm"])}
                 if "line_search" in m:
                     ls = m["line_search"]
@@ -511,10 +512,10 @@ def run(
         "initial_val_loss": initial["val_loss"],
         "final_val_loss": final["val_loss"],
         "initial_hparams": meta["initial_hparams"],
-        "final_hparams": summarize(task.space.constrain(phi)),
+        "final_hparams": task.space.summarize(task.space.constrain(phi)),
         "best_val_loss": best["val_loss"],
         "best_meta_step": best["meta_step"],
-        "best_hparams": summarize(task.space.constrain(arrays["best_phi"])),
+        "best_hparams": task.space.summarize(task.space.constrain(arrays["best_phi"])),
         "initial_test_loss": initial["test_loss"],
         "initial_test_accuracy": initial["test_accuracy"],
         "test_loss": final["test_loss"],

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from hypergrad.hparams import HyperSpace
 from hypergrad.inner import InnerOptimizer
@@ -62,6 +63,19 @@ class Task:
             b = self.batch_size
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
                 raise ValueError(f"batch_size must be an integer in [1, {n}] or None, got {b!r}")
+        # Lay granular and scheduled hyperparameters out for these weights and this T.
+        object.__setattr__(self, "space", self.space.resolve(self._param_shapes(), self.steps))
+        _check_reads(self)
+
+    def _param_shapes(self) -> PyTree:
+        if not callable(self.params):
+            return self.params
+        if not self.space.resolved:
+            raise ValueError(
+                "params is a function of the hyperparameters and the space has granular or "
+                "scheduled ones: resolve the space first (space.resolve(params_like, steps))")
+        hparams = self.space.constrain(self.space.init())
+        return jax.eval_shape(lambda: self.init_params(jax.random.key(0), hparams))
 
     @property
     def num_examples(self) -> int:
@@ -72,12 +86,76 @@ class Task:
         return leaves[0].shape[0]
 
     def init_params(self, key: jax.Array, hparams: Any) -> PyTree:
-        """The initial weights, from ``params`` or by calling it with ``(key, hparams)``."""
-        return self.params(key, hparams) if callable(self.params) else self.params
+        """The initial weights, from ``params`` or by calling it with ``(key, hparams)``
+        (``hparams`` as read at step 0)."""
+        if not callable(self.params):
+            return self.params
+        return self.params(key, self.space.at_step(hparams, 0))
+
+    def validation_loss(self, params: PyTree, hparams: Any) -> jax.Array:
+        """``val_loss`` on all of ``val_data``, with ``hparams`` as read at the last step."""
+        return self.val_loss(params, self.space.at_step(hparams, self.steps - 1),
+                             self.val_data)
 
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+class _Reads(dict):
+    """A dict that records which keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
+
+    def _all(self):
+        self.read.update(self.keys())
+
+    def items(self):
+        self._all()
+        return super().items()
+
+    def values(self):
+        self._all()
+        return super().values()
+
+
+def _check_reads(task: Task) -> None:
+    """Raise ``ValueError`` if the space tunes a hyperparameter no function of the task
+    reads (traced once, abstractly, on two examples: nothing is computed)."""
+    space = task.space
+    if not space.names:
+        return
+    hparams = _Reads(space.at_step(space.constrain(space.init()), 0))
+
+    def head(data):
+        return jax.tree.map(lambda a: a[:2], data)
+
+    def probe():
+        params = task.params(jax.random.key(0), hparams) if callable(task.params) \
+            else task.params
+        grads = jax.grad(task.train_loss)(params, hparams, head(task.train_data))
+        task.optimizer.update(grads, task.optimizer.init(params), params, hparams)
+        task.val_loss(params, hparams, head(task.val_data))
+
+    jax.eval_shape(probe)
+    unread = [n for n in space.names if n not in hparams.read]
+    if unread:
+        raise ValueError(
+            f"the space tunes {', '.join(unread)}, which this task never reads (its "
+            f"optimizer reads {', '.join(task.optimizer.reads) or 'nothing'}); remove "
+            f"{'it' if len(unread) == 1 else 'them'} from the space or use a model, loss or "
+            "optimizer that reads it")
 
 
 def _flatten(task: Task):
@@ -104,14 +182,30 @@ def _unflatten(static, children) -> Task:
 jax.tree_util.register_pytree_node(Task, _flatten, _unflatten)
 
 
+MODEL_HPARAMS = ("leaky_slope", "loss_mix", "label_smoothing", "init_scale", "example_weight")
+
+
 def classification(
     model: Any, data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", optimizer: InnerOptimizer | None = None, slope: float = 0.0,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """A classification task from an NNX model called as ``model(x, slope)``.
 
-    The leaky-ReLU slope is read from ``hparams["leaky_slope"]`` when the space tunes it,
-    and is ``slope`` otherwise. Training and validation use the same loss.
+    Besides the optimizer's, the task reads these hyperparameters when the space tunes
+    them (each is differentiable):
+
+    - ``leaky_slope``: the leaky-ReLU slope (``slope`` otherwise); global, or one per
+      activation layer with ``per="layer"`` (the layers followed by an activation).
+    - ``loss_mix``: the training loss is ``(1 - m) * MSE + m * cross-entropy``.
+    - ``label_smoothing``: training targets ``(1 - s) * onehot + s / classes``.
+    - ``init_scale``: the initial weights are the model's times this scale (global, or
+      per layer/tensor/parameter), differentiated through the initialization.
+    - ``example_weight``: one real value per training example; example ``i`` weighs
+      ``sigmoid(example_weight[i])`` in the training loss (data hyper-cleaning,
+      Franceschi et al. 2017).
+
+    The validation loss is always the plain ``loss`` on the validation set, so no
+    hyperparameter can lower it except through the trained weights.
 
     Args:
       model: an NNX module (see :mod:`hypergrad.models`).
@@ -125,23 +219,87 @@ def classification(
     Returns:
       ``(task, predict)`` with ``predict(params, hparams, x) -> logits``.
     """
+    import jax.numpy as jnp
+
     from hypergrad import models
-    from hypergrad.inner import lookup, sgd
+    from hypergrad.inner import lookup, per_leaf, sgd
 
     apply, params = models.functional(model)
     loss_fn = models.loss_by_name(loss)
+    layers = models.activation_layers(model)
+    tuned = set(space.names)
+
+    def slopes(hparams):
+        value = lookup(hparams, "leaky_slope", slope, "the model")
+        if isinstance(value, dict):  # one per activation layer, in the model's order
+            return jax.tree.leaves(value)
+        return value
 
     def predict(params, hparams, x):
-        return apply(params, x, lookup(hparams, "leaky_slope", slope, "the model"))
+        return apply(params, x, slopes(hparams))
 
-    def data_loss(params, hparams, batch):
-        x, y = batch
+    def val_loss(params, hparams, batch):
+        x, y = batch[0], batch[1]
         return loss_fn(predict(params, hparams, x), y)
 
-    task = Task(params=params, train_loss=data_loss, val_loss=data_loss,
-                train_data=data.train, val_data=data.val, space=space,
+    def train_loss(params, hparams, batch):
+        x, y = batch[0], batch[1]
+        logits = predict(params, hparams, x)
+        if not tuned & {"loss_mix", "label_smoothing", "example_weight"}:
+            return loss_fn(logits, y)
+        classes = logits.shape[-1]
+        target = jax.nn.one_hot(y, classes, dtype=logits.dtype)
+        if "label_smoothing" in hparams:
+            s = hparams["label_smoothing"]
+            target = (1 - s) * target + s / classes
+        per_example = {
+            "mse": jnp.sum((logits - target) ** 2, axis=-1),
+            "ce": -jnp.sum(target * jax.nn.log_softmax(logits), axis=-1),
+        }
+        if "loss_mix" in hparams:
+            m = hparams["loss_mix"]
+            losses = (1 - m) * per_example["mse"] + m * per_example["ce"]
+        else:
+            losses = per_example[loss]
+        if "example_weight" in hparams:
+            losses = jax.nn.sigmoid(hparams["example_weight"][batch[2]]) * losses
+        return jnp.mean(losses)
+
+    train_data = data.train
+    if "example_weight" in tuned:
+        n = jax.tree.leaves(train_data)[0].shape[0]
+        shape = np.shape(space.constraints["example_weight"].value)
+        if shape != (n,):
+            raise ValueError(f"example_weight needs one value per training example, shape "
+                             f"({n},), got {shape}: declare real(np.zeros({n}))")
+        train_data = (*train_data, np.arange(n, dtype=np.int32))
+
+    init = params
+    if "init_scale" in tuned:
+        def init(key, hparams):
+            del key  # the model's own initialization, scaled
+            scale = per_leaf(hparams["init_scale"], params)
+            return jax.tree.map(lambda w, s: (s * w).astype(w.dtype), params, scale)
+
+    targets = {}
+    if "leaky_slope" in tuned and space.constraints["leaky_slope"].per is not None:
+        targets["leaky_slope"] = _nest({path: {"slope": np.zeros(())} for path in layers})
+    space = space.resolve(params, steps, targets)
+    task = Task(params=init, train_loss=train_loss, val_loss=val_loss,
+                train_data=train_data, val_data=data.val, space=space,
                 optimizer=optimizer or sgd(), steps=steps, batch_size=batch_size)
     return task, predict
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    """``{("convs", 0): v}`` as ``{"convs": {0: v}}``."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
 
 
 def seed_cnn(

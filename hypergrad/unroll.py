@@ -137,20 +137,28 @@ def segment(
     """
     every = _check_policy(checkpoint)
     data = task.train_data
+    space = task.space
+    # Scheduled hyperparameters enter each step as scan inputs (their values at steps
+    # begin, ..., begin + length - 1), so the backward pass stacks their cotangents.
+    schedule = space.step_values(hparams, begin + jnp.arange(length)) if space.scheduled \
+        else None
+
+    def step(s, idx, values):
+        batch = data if idx is None else jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+        return train_step(task.train_loss, task.optimizer, space.expand(hparams, values), s,
+                          batch)
 
     if task.batch_size is None:
-        def body(s, _):
-            return train_step(task.train_loss, task.optimizer, hparams, s, data)
-        xs = None
+        idx = None
     else:
-        def body(s, idx):
-            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-            return train_step(task.train_loss, task.optimizer, hparams, s, batch)
-        xs = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
-        xs = jax.lax.dynamic_slice_in_dim(xs, begin, length)
-
-    if xs is None and every is not None:
-        xs = jnp.zeros((length, 0))  # a dummy axis so the steps can be chunked
+        idx = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
+        idx = jax.lax.dynamic_slice_in_dim(idx, begin, length)
+    if idx is None and schedule is None:
+        xs = None if every is None else jnp.zeros((length, 0))  # an axis to chunk
+        body = lambda s, _: step(s, None, None)  # noqa: E731
+    else:
+        xs = (idx, schedule)
+        body = lambda s, x: step(s, *x)  # noqa: E731
     return _scan(body, state, xs, length, every)
 
 
@@ -189,7 +197,7 @@ def objective(
     """
     hparams = task.space.constrain(phi)
     params, losses = unroll(task, hparams, key, checkpoint=checkpoint)
-    value = task.val_loss(params, hparams, task.val_data)
+    value = task.validation_loss(params, hparams)
     return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
 
 
@@ -221,7 +229,7 @@ def truncated_objective(
     """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient."""
     hparams = task.space.constrain(phi)
     params, losses = truncated_unroll(task, hparams, key, window, checkpoint=checkpoint)
-    value = task.val_loss(params, hparams, task.val_data)
+    value = task.validation_loss(params, hparams)
     return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
 
 

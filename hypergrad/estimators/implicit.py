@@ -98,8 +98,10 @@ def implicit(
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         _refuse_optimizer_hparams(task)
-        hp = jax.lax.stop_gradient(task.space.constrain(phi))
-        params, losses = unroll(task, hp, key)
+        last = task.steps - 1  # the stationarity condition of the loss trained last
+        hp_compact = jax.lax.stop_gradient(task.space.constrain(phi))
+        params, losses = unroll(task, hp_compact, key)
+        hp = task.space.at_step(hp_compact, last)
         params = jax.lax.stop_gradient(params)
         w, unravel = ravel_pytree(params)
 
@@ -119,7 +121,7 @@ def implicit(
         v = jax.lax.stop_gradient(v)
 
         def lagrangian(p):
-            hparams = task.space.constrain(p)
+            hparams = task.space.at_step(task.space.constrain(p), last)
             return task.val_loss(params, hparams, task.val_data) - jnp.vdot(
                 train_grad(w, hparams), v)
 
@@ -143,6 +145,11 @@ def implicit(
 
 
 def _refuse_optimizer_hparams(task: Task) -> None:
+    if task.space.scheduled:
+        raise ValueError(
+            f"implicit cannot differentiate the schedule of {', '.join(task.space.scheduled)}: "
+            "a training loss that changes over the steps has no single stationary point; "
+            "use reverse(), forward() or truncated() instead")
     tuned = [name for name in task.optimizer.reads if name in task.space]
     if tuned:
         raise ValueError(

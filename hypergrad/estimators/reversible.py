@@ -37,7 +37,6 @@ Its vector-Jacobian products (including the Hessian-vector product ``H dv``) com
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -223,11 +222,8 @@ class _Problem(NamedTuple):
     dtype: Any
 
 
-def _problem(task: Task, hparams, data_key, unravel, template, per_step) -> _Problem:
+def _problem(task: Task, hparams, data_key, unravel, template) -> _Problem:
     defaults = sgd_defaults(task)
-    unknown = sorted(set(per_step) - set(SGD_NAMES))
-    if unknown:
-        raise ValueError(f"per_step names sgd hyperparameters {SGD_NAMES}, got {unknown}")
     flat0, _ = ravel_pytree(template)
     dtype = flat0.dtype
     data, steps = task.train_data, task.steps
@@ -243,16 +239,14 @@ def _problem(task: Task, hparams, data_key, unravel, template, per_step) -> _Pro
         def batch(idx):
             return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
 
-    def loss(w, hp, b):
-        return task.train_loss(unravel(w), hp, b)
+    def loss(w, hp, b, t):
+        return task.train_loss(unravel(w), task.space.at_step(hp, t), b)
 
     def vectors(hp, t):
+        hp = task.space.at_step(hp, t)
         out = []
         for name in SGD_NAMES:
-            value = lookup(hp, name, defaults[name], "sgd")
-            if name in per_step:
-                value = jax.tree.map(lambda a: a[t], value)
-            tree = per_leaf(value, template)
+            tree = per_leaf(lookup(hp, name, defaults[name], "sgd"), template)
             out.append(jnp.concatenate([
                 jnp.broadcast_to(jnp.asarray(h, dtype), p.shape).ravel()
                 for h, p in zip(jax.tree.leaves(tree), jax.tree.leaves(template), strict=True)
@@ -268,10 +262,10 @@ def _n(mu, fp: FixedPoint):
     return jnp.clip(jnp.round(mu * d), 1, d).astype(fp.int_dtype)
 
 
-def _gradient_term(prob: _Problem, hparams, w_int, wd, b, fp: FixedPoint):
+def _gradient_term(prob: _Problem, hparams, w_int, wd, b, t, fp: FixedPoint):
     """``G = Q(g(w)) + Q(wd w)``, rounded separately so no fused multiply-add can differ."""
     w = _decode(w_int, prob.dtype, fp)
-    loss, g = jax.value_and_grad(prob.loss)(w, hparams, b)
+    loss, g = jax.value_and_grad(prob.loss)(w, hparams, b, t)
     qg, bad_g = _quantize(g, fp)
     qd, bad_d = _quantize(wd * w, fp)
     return loss, qg + qd, bad_g | bad_d
@@ -280,7 +274,7 @@ def _gradient_term(prob: _Problem, hparams, w_int, wd, b, fp: FixedPoint):
 def _forward_step(prob: _Problem, hparams, fp: FixedPoint, s: ExactState, x):
     t, idx = x
     lr, mu, wd = prob.vectors(hparams, t)
-    loss, g, bad = _gradient_term(prob, hparams, s.w, wd, prob.batch(idx), fp)
+    loss, g, bad = _gradient_term(prob, hparams, s.w, wd, prob.batch(idx), t, fp)
     v, buf, over = _mul_mu(s.v, s.buffer, _n(mu, fp), fp)
     v = v + g
     step, bad_u = _quantize(lr * _decode(v, prob.dtype, fp), fp)
@@ -294,7 +288,7 @@ def _backward_step(prob: _Problem, hparams, fp: FixedPoint, s: ExactState, x):
     lr, mu, wd = prob.vectors(hparams, t)
     step, _ = _quantize(lr * _decode(s.v, prob.dtype, fp), fp)
     w = s.w + step
-    _, g, _ = _gradient_term(prob, hparams, w, wd, prob.batch(idx), fp)
+    _, g, _ = _gradient_term(prob, hparams, w, wd, prob.batch(idx), t, fp)
     v, buf, _ = _div_mu(s.v - g, s.buffer, _n(mu, fp), fp)
     return ExactState(w, v, buf, s.buffer_overflow, s.range_overflow)
 
@@ -304,7 +298,7 @@ def surrogate_step(prob: _Problem, fp: FixedPoint, w, v, hparams, x):
     t, idx = x
     lr, mu, wd = prob.vectors(hparams, t)
     mu = mu + jax.lax.stop_gradient(_n(mu, fp).astype(mu.dtype) / 2 ** fp.momentum_bits - mu)
-    g = jax.grad(prob.loss)(w, hparams, prob.batch(idx))
+    g = jax.grad(prob.loss)(w, hparams, prob.batch(idx), t)
     v = mu * v + g + wd * w
     return w - lr * v, v
 
@@ -329,7 +323,7 @@ def rewind(prob: _Problem, hparams, fp: FixedPoint, state: ExactState) -> ExactS
     return jax.lax.scan(body, state, prob.xs, reverse=True)[0]
 
 
-def start(task: Task, hparams, key, fp: FixedPoint, *, per_step: Sequence[str] = ()):
+def start(task: Task, hparams, key, fp: FixedPoint):
     """The problem, the initial exact state and the float initial weights for one run.
 
     ``key`` is split as :func:`hypergrad.unroll.unroll` splits it.
@@ -337,7 +331,7 @@ def start(task: Task, hparams, key, fp: FixedPoint, *, per_step: Sequence[str] =
     init_key, data_key = jax.random.split(key)
     params = task.init_params(init_key, hparams)
     w0, unravel = ravel_pytree(params)
-    prob = _problem(task, hparams, data_key, unravel, params, tuple(per_step))
+    prob = _problem(task, hparams, data_key, unravel, params)
     w, bad = _quantize(w0, fp)
     zeros = jnp.zeros_like(w)
     state = ExactState(w, zeros, jnp.zeros((fp.words, w.size), fp.int_dtype),
@@ -346,8 +340,7 @@ def start(task: Task, hparams, key, fp: FixedPoint, *, per_step: Sequence[str] =
 
 
 def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
-               bits_per_step: float = 4.0, int_dtype: Any = None,
-               per_step: Sequence[str] = ()) -> Estimator:
+               bits_per_step: float = 4.0, int_dtype: Any = None) -> Estimator:
     """Hypergradients by running exact fixed-point SGD with momentum backward.
 
     Memory does not grow with the trajectory: only the buffer of destroyed bits, about
@@ -363,8 +356,10 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
       bits_per_step: buffer capacity per parameter per step (beyond the one-off
         ``momentum_bits``); 4 holds momenta down to about 1/16.
       int_dtype: ``int64`` (default under x64) or ``int32`` (default otherwise).
-      per_step: names among learning_rate, momentum, weight_decay whose values carry a
-        leading axis of length ``task.steps`` (a schedule) and are indexed by step.
+
+    Learning-rate, momentum and weight-decay schedules and per-layer values are declared
+    in the space (``positive(0.1, per="layer", schedule="per_step")``) and read step by
+    step as the other estimators read them.
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``. ``value`` is the validation
@@ -382,7 +377,7 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
     logistic regression did: XLA compiles the two passes' gradients separately.
     """
     options = dict(radix_bits=radix_bits, momentum_bits=momentum_bits,
-                   bits_per_step=bits_per_step, int_dtype=int_dtype, per_step=tuple(per_step))
+                   bits_per_step=bits_per_step, int_dtype=int_dtype)
     layout(1, radix_bits=radix_bits, momentum_bits=momentum_bits, bits_per_step=bits_per_step,
            int_dtype=int_dtype)  # validate now, not at the first call
 
@@ -390,12 +385,12 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
         fp = layout(task.steps, radix_bits=radix_bits, momentum_bits=momentum_bits,
                     bits_per_step=bits_per_step, int_dtype=int_dtype)
         hparams, constrain_vjp = jax.vjp(task.space.constrain, phi)
-        prob, s0, unravel, init_key = start(task, hparams, key, fp, per_step=per_step)
+        prob, s0, unravel, init_key = start(task, hparams, key, fp)
         s_t, (losses, used) = forward(prob, hparams, fp, s0)
 
         w_t = _decode(s_t.w, prob.dtype, fp)
         value, (dw, dhp) = jax.value_and_grad(
-            lambda w, hp: task.val_loss(unravel(w), hp, task.val_data), argnums=(0, 1)
+            lambda w, hp: task.validation_loss(unravel(w), hp), argnums=(0, 1)
         )(w_t, hparams)
 
         def body(carry, x):
