@@ -84,7 +84,8 @@ def build(config: GrazziConfig) -> Problem:
     data = hg.data.load(config.data, seed=config.seed, dtype=dtype)
     model = hg.models.LogisticRegression(nnx.Rngs(config.seed), 64, data.num_classes,
                                          param_dtype=dtype)
-    task, predict = classification(model, data, config.space(), steps=config.steps,
+    # The penalty is added below: the plain task tunes nothing yet.
+    task, predict = classification(model, data, hg.HyperSpace({}), steps=config.steps,
                                    batch_size=config.batch_size or None, loss=config.loss,
                                    optimizer=hg.inner.sgd(learning_rate=config.inner_lr))
     data_loss = task.train_loss
@@ -93,7 +94,7 @@ def build(config: GrazziConfig) -> Problem:
         w = params["linear"]["kernel"]
         return data_loss(params, hparams, batch) + jnp.sum(hparams["l2"][:, None] * w**2)
 
-    task = task.replace(train_loss=penalized)
+    task = task.replace(train_loss=penalized, space=config.hyperspace())
     x_test, y_test = data.test
 
     def evaluate(params, hparams):

@@ -20,6 +20,7 @@ ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
 SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
+HPARAM_OPTIONS = ("per", "schedule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Config:
         hyperparameters are updated every ``window`` steps by the hypergradient through
         the next ``window`` steps, continuing from the current weights (``meta_steps`` and
         ``estimator`` are not used).
+      hparam_options: ``(name, option, value)`` triples set as ``hparams.NAME.per=layer``
+        (``global``, ``layer``, ``tensor``, ``parameter``) and ``hparams.NAME.schedule=
+        per_step`` (``constant``, ``per_step``, ``windows:K``, ``linear``,
+        ``exponential``); see :mod:`hypergrad.hparams`.
     """
 
     steps: int = 100
@@ -88,10 +93,31 @@ class Config:
     tol: float = 1e-6
     solver_step: float | None = None
     online: bool = False
+    hparam_options: tuple[tuple[str, str, str], ...] = ()
 
     def space(self) -> HyperSpace:
         """The tuned hyperparameters with this config's initial values."""
         raise NotImplementedError(f"{type(self).__name__} must define space()")
+
+    def hyperspace(self) -> HyperSpace:
+        """:meth:`space` with the ``hparams.NAME.per`` and ``hparams.NAME.schedule``
+        options applied."""
+        space = self.space()
+        options: dict[str, dict[str, str]] = {}
+        for name, option, value in self.hparam_options:
+            options.setdefault(name, {})[option] = value
+        for name, opts in options.items():
+            if name not in space:
+                raise ConfigError(f"hparams.{name}: this experiment tunes no {name!r} "
+                                  f"(it tunes {', '.join(space.names)})")
+            c = space.constraints[name]
+            per = opts.get("per", c.per)
+            schedule = opts.get("schedule", c.schedule)
+            try:
+                space = space.with_options(name, per=per, schedule=schedule)
+            except ValueError as e:
+                raise ConfigError(f"hparams.{name}: {e}") from None
+        return space
 
     def validate(self) -> Config:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
@@ -133,8 +159,8 @@ class Config:
         if not self.clip >= 0:
             raise ConfigError(f"clip must be >= 0 (0 turns it off), got {self.clip:g}")
         try:
-            self.space()
-        except ValueError as e:
+            self.hyperspace()
+        except ValueError as e:  # ConfigError included
             raise ConfigError(str(e)) from None
         return self
 
@@ -149,7 +175,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict, keyed as ``--set`` spells the keys."""
-        return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "hparam_options"}
+        out.update({f"hparams.{n}.{o}": v for n, o, v in self.hparam_options})
+        return out
 
 
 def _key(field: dataclasses.Field) -> str:
@@ -198,18 +227,28 @@ def override(config: Config, assignments: list[str]) -> Config:
     An unknown key names the closest valid ones; a value is parsed by the field's type.
     """
     hints = typing.get_type_hints(type(config))
-    fields = {_key(f): f.name for f in dataclasses.fields(config)}
+    fields = {_key(f): f.name for f in dataclasses.fields(config)
+              if f.name != "hparam_options"}
     changes: dict[str, Any] = {}
+    per_name = {(n, o): v for n, o, v in config.hparam_options}
     for item in assignments:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key.startswith("hparams."):
+            name, dot, option = key[len("hparams."):].rpartition(".")
+            if not dot or not name or option not in HPARAM_OPTIONS:
+                raise ConfigError(f"{key}: expected hparams.NAME.per or hparams.NAME.schedule")
+            per_name[(name, option)] = text.strip()
+            changes["hparam_options"] = tuple((n, o, v) for (n, o), v in per_name.items())
+            continue
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(
-                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(fields))})"
+                f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(fields))}, "
+                "hparams.NAME.per, hparams.NAME.schedule)"
             )
         kind, text = hints[fields[key]], text.strip()
         if isinstance(kind, types.UnionType):  # e.g. float | None

@@ -54,7 +54,51 @@ def plot_run(workdir: str | Path) -> list[Path]:
             ax.set_xlabel("meta-step")
             ax.grid(alpha=0.3)
         paths.append(_save(plt, fig, workdir / "hparams.png"))
-    return paths
+    schedules = plot_schedules(workdir)
+    return paths + ([schedules] if schedules else [])
+
+
+def plot_schedules(workdir: str | Path) -> Path | None:
+    """Write ``schedules.png``: each scheduled hyperparameter over the inner steps, one
+    line per group (layer), as tuned at the last saved meta-step (solid) and at the start
+    (dashed); as Maclaurin et al. (2015), Fig. 2. ``None`` if the run has no schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = sorted((Path(workdir) / "hparams").glob("meta_step_*.npz"))
+    if not files:
+        return None
+    with np.load(files[0]) as first, np.load(files[-1]) as last:
+        names = [k[: -len("@steps")] for k in last.files if k.endswith("@steps")]
+        if not names:
+            return None
+        start = {n: first[f"{n}@steps"] for n in names if f"{n}@steps" in first.files}
+        end = {n: last[f"{n}@steps"] for n in names}
+        groups = {n: list(last[f"{n}@groups"]) if f"{n}@groups" in last.files else None
+                  for n in names}
+    meta_step = int(files[-1].stem.rsplit("_", 1)[1])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), dpi=100,
+                             squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        values = end[name].reshape(len(end[name]), -1)
+        labels = groups[name] or ([name] if values.shape[1] == 1 else
+                                  [f"{name}[{i}]" for i in range(values.shape[1])])
+        steps = np.arange(len(values))
+        for i, label in enumerate(labels):
+            line, = ax.plot(steps, values[:, i], label=label)
+            if name in start:
+                ax.plot(steps, start[name].reshape(len(values), -1)[:, i], ls="--", lw=0.8,
+                        color=line.get_color(), alpha=0.6)
+        if values.min() > 0 and values.max() > 3 * values.min():
+            ax.set_yscale("log")
+        ax.set_title(f"{name} (meta-step {meta_step}; dashed: start)", fontsize=9)
+        ax.set_xlabel("inner step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, Path(workdir) / "schedules.png")
 
 
 def _save(plt, fig, path: Path) -> Path:

@@ -242,6 +242,27 @@ def make_evaluate(problem: Problem):
     return jax.jit(evaluate)
 
 
+HPARAMS_DIR = "hparams"
+
+
+def save_hparams(workdir: Path, task: Task, phi: PyTree, meta_step: int) -> Path | None:
+    """Write every hyperparameter in full to ``hparams/meta_step_NNNNN.npz`` (atomically)
+    when any of them is more than a scalar; ``metrics.jsonl`` holds only summaries."""
+    import numpy as np
+
+    values = task.space.arrays(task.space.constrain(phi))
+    if all(np.size(v) == 1 for v in values.values()):
+        return None
+    folder = workdir / HPARAMS_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"meta_step_{meta_step:05d}.npz"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **values)
+    os.replace(tmp, path)
+    return path
+
+
 def _floats(tree: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in tree.items()}
 
@@ -416,10 +437,12 @@ def run(
                 "best": {"val_loss": None, "meta_step": None}, "inner_step": 0}
         metrics_path.write_text("")
         checkpoint.save(ckpt_path, arrays, meta)
+        save_hparams(workdir, task, arrays["phi"], 0)
     elapsed_before = meta["elapsed"]
 
     def save():
         meta["elapsed"] = elapsed_before + time.perf_counter() - began
+        save_hparams(workdir, task, arrays["phi"], meta["meta_step"])
         checkpoint.save(ckpt_path, arrays, meta)
 
     from tqdm.auto import tqdm

@@ -305,12 +305,13 @@ def _nest(flat: dict[tuple, Any]) -> dict:
 def seed_cnn(
     data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", seed: int = 0, channels: tuple[int, ...] = (8, 16, 16),
-    conv: str = "auto", dtype: Any = None,
+    conv: str = "auto", dtype: Any = None, optimizer: InnerOptimizer | None = None,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """The seed CNN (three 3x3 convolutions with leaky ReLU, a dense head) on ``data``.
 
-    Trained by :func:`hypergrad.inner.sgd`, which reads learning rate, momentum and
-    weight decay from ``hparams``; see :func:`classification` for the rest.
+    Trained by ``optimizer``, :func:`hypergrad.inner.sgd` by default, which reads
+    learning rate, momentum and weight decay from ``hparams``; see
+    :func:`classification` for the rest.
     """
     from flax import nnx
 
@@ -320,4 +321,5 @@ def seed_cnn(
     model = SeedCNN(nnx.Rngs(seed), in_channels=in_channels, channels=channels,
                     num_classes=data.num_classes, image_shape=tuple(image_shape), conv=conv,
                     param_dtype=dtype or data.train[0].dtype)
-    return classification(model, data, space, steps=steps, batch_size=batch_size, loss=loss)
+    return classification(model, data, space, steps=steps, batch_size=batch_size, loss=loss,
+                          optimizer=optimizer)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hypergrad.cli import main
@@ -56,7 +57,41 @@ def test_online_run_tunes_while_training(tmp_path, capsys):
     assert lines[0]["hparams"] != lines[-1]["hparams"]
 
 
+def test_granular_hyperparameters_and_every_kind_from_the_command_line(tmp_path):
+    workdir = tmp_path / "granular"
+    sets = ["hparams.learning_rate.per=layer", "hparams.learning_rate.schedule=per_step",
+            "hparams.weight_decay.per=parameter", "hparams.leaky_slope.per=layer",
+            "optimizer=adam", "loss_mix=0.5", "label_smoothing=0.05", "init_scale=1",
+            "save_every=1"]
+    argv = ["run", *TINY, *[a for kv in sets for a in ("--set", kv)]]
+    assert main([*argv, "--workdir", str(workdir), "--quiet"]) == 0
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    hparams = lines[-1]["hparams"]
+    assert set(hparams) == {"learning_rate", "b1", "b2", "eps", "weight_decay",
+                            "leaky_slope", "loss_mix", "label_smoothing", "init_scale"}
+    assert set(hparams["learning_rate"]["groups"]) == {"convs/0", "convs/1", "convs/2", "head"}
+    assert set(hparams["leaky_slope"]["groups"]) == {"convs/0", "convs/1", "convs/2"}
+    saved = sorted(p.name for p in (workdir / "hparams").iterdir())
+    assert saved == ["meta_step_00000.npz", "meta_step_00001.npz", "meta_step_00002.npz"]
+    with np.load(workdir / "hparams" / saved[-1]) as f:
+        assert f["learning_rate"].shape == (4, 4)  # T steps x 4 layers
+        assert f["learning_rate@steps"].shape == (4, 4)
+        assert f["weight_decay/head/kernel"].shape == (4 * 64, 10)
+    assert (workdir / "schedules.png").exists()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["hparams.learning_rate.schedule"] == "per_step"
+    # The options are part of the run's config: resuming keeps them.
+    assert main(["run", "--resume", "--workdir", str(workdir), "--set", "meta_steps=3",
+                 "--quiet"]) == 0
+
+
 BAD_SETS = [
+    (["hparams.learning_rate.per=neuron"], "hparams.learning_rate: per must be one of"),
+    (["hparams.dropout.per=layer"], "hparams.dropout: this experiment tunes no 'dropout'"),
+    (["hparams.learning_rate.scheme=linear"], "expected hparams.NAME.per or hparams.NAME"),
+    (["hparams.learning_rate.schedule=cosine"], "schedule must be one of constant, per_step"),
+    (["optimizer=rmsprop"], "optimizer must be one of sgd, adam"),
+    (["loss_mix=1.5"], "loss_mix must be strictly between 0 and 1, got 1.5"),
     (["learnin_rate=0.1"], "did you mean learning_rate"),
     (["stepz=3"], "unknown config key 'stepz'; did you mean steps"),
     (["=3"], "--set expects key=value"),
