@@ -5,7 +5,10 @@ Run:  python scripts/bench_unroll.py [--quick] [--json FILE]
 
 The default grid is the seed CNN at T = 100, 200 and 1000 and an MLP (64-50-50-10) on digits at
 T = 10 000, batch 100, with: plain training; reverse without checkpointing, every 10 steps
-and "nested"; truncated (window 20); forward; implicit; reversible. Each case runs in a
+and "nested"; truncated (window 20); forward; implicit; reversible. With ``--granular``,
+reverse also runs on the CNN with a per-layer x per-step learning rate and a per-parameter
+weight decay (rows marked ``*``), and ``granular_over_scalar`` is its time over the
+all-scalar space's with the same checkpoint policy. Each case runs in a
 fresh Python process (the script re-invokes itself with ``--case JSON``) and reports
 
 - time: median of repeats after a warm-up (repeats chosen so a case runs about
@@ -70,9 +73,13 @@ def run_case(case: dict) -> dict:
         space = hg.HyperSpace({"leaky_slope": hg.bounded(SLOPE, 0.0, 1.0)})
         optimizer = hg.inner.sgd(learning_rate=LR, momentum=MOMENTUM, weight_decay=WD)
     else:
-        space = hg.HyperSpace({"learning_rate": hg.positive(LR), "momentum": hg.unit(MOMENTUM),
-                               "weight_decay": hg.positive(WD),
-                               "leaky_slope": hg.bounded(SLOPE, 0.0, 1.0)})
+        granular = case.get("space") == "granular"
+        space = hg.HyperSpace({
+            "learning_rate": (hg.positive(LR, per="layer", schedule="per_step") if granular
+                              else hg.positive(LR)),
+            "momentum": hg.unit(MOMENTUM),
+            "weight_decay": hg.positive(WD, per="parameter" if granular else None),
+            "leaky_slope": hg.bounded(SLOPE, 0.0, 1.0)})
         optimizer = None
     data = hg.data.load("digits", seed=0)
     if case["model"] == "cnn":
@@ -84,7 +91,7 @@ def run_case(case: dict) -> dict:
         model = hg.models.MLP(nnx.Rngs(0), sizes=(64, 50, 50, 10))
         task, _ = classification(model, data, space, steps=case["T"],
                                  batch_size=case["batch_size"], optimizer=optimizer)
-    phi, key = space.init(jnp.float32), jax.random.key(0)
+    phi, key = task.space.init(jnp.float32), jax.random.key(0)
 
     ck = case["checkpoint"]
     checkpoint = None if ck in (None, "none") else (ck if ck in ("step", "nested") else int(ck))
@@ -175,12 +182,15 @@ def grid(args) -> list[dict]:
         for e in args.estimators:
             if e == "reverse":
                 ests += [("reverse", ck, False) for ck in args.checkpoint]
+                if args.granular and model == "cnn":
+                    ests += [("reverse", ck, False, "granular") for ck in args.checkpoint]
             elif e == "reversible":
                 ests += [("train", None, True), ("reversible", None, True)]
             else:
                 ests.append((e, None, False))
-        for e, ck, x64 in ests:
-            cases.append(dict(common, estimator=e, checkpoint=ck, x64=x64))
+        for e, ck, x64, *space in ests:
+            cases.append(dict(common, estimator=e, checkpoint=ck, x64=x64,
+                              space=space[0] if space else "scalar"))
     return cases
 
 
@@ -209,6 +219,9 @@ def main() -> None:
     p.add_argument("--estimators", nargs="+",
                    default=["reverse", "truncated", "forward", "implicit", "reversible"],
                    choices=["reverse", "truncated", "forward", "implicit", "reversible"])
+    p.add_argument("--granular", action="store_true",
+                   help="also time reverse on the CNN with a per-layer x per-step learning "
+                        "rate and a per-parameter weight decay (ratio to the scalar space)")
     p.add_argument("--window", type=int, default=20, help="truncated's window")
     p.add_argument("--implicit-iters", type=int, default=50, help="implicit's Neumann terms")
     p.add_argument("--batch-size", type=int, default=100)
@@ -235,7 +248,7 @@ def main() -> None:
     print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'x64':>3} {'seconds':>9} "
           f"{'ratio':>6} {'compile s':>9} {'XLA MiB':>9} {'mem ratio':>9} {'RSS MiB':>8} "
           f"{'rss ratio':>9}", flush=True)
-    rows, train = [], {}
+    rows, train, scalar = [], {}, {}
     for case in grid(args):
         r = run_in_subprocess(case, args.timeout)
         group = (case["model"], case["T"], case["conv"], case["x64"])
@@ -244,7 +257,13 @@ def main() -> None:
         base = train.get(group, {})
         ts, tx, tr = base.get("seconds"), base.get("xla_bytes"), base.get("rss_run_bytes")
         hs = r.get("seconds")
+        same = (group, case["estimator"], str(case["checkpoint"]))
+        if case["space"] == "scalar":
+            scalar[same] = hs
+        vs = scalar.get(same) if case["space"] == "granular" else None
         row = {"estimator": case["estimator"], "checkpoint": case["checkpoint"],
+               "space": case["space"],
+               "granular_over_scalar": hs / vs if hs and vs else None,
                "model": case["model"], "conv": case["conv"], "T": case["T"],
                "batch_size": case["batch_size"], "x64": case["x64"],
                "window": case["window"] if case["estimator"] == "truncated" else None,
@@ -262,7 +281,8 @@ def main() -> None:
             return format(x, fmt) if x is not None else "-".rjust(int(fmt.split(".")[0]))
         mib = r.get("xla_bytes")
         rss = r.get("rss_run_bytes")
-        print(f"{case['model']:>5} {case['T']:>6} {case['estimator']:>10} "
+        name = case["estimator"] + ("*" if case["space"] == "granular" else "")
+        print(f"{case['model']:>5} {case['T']:>6} {name:>10} "
               f"{_label(case['checkpoint']):>8} {'y' if case['x64'] else '':>3} "
               f"{f(hs, '9.3f')} {f(row['ratio'], '6.2f')} "
               f"{f(row['compile_seconds'], '9.2f')} "
@@ -270,7 +290,9 @@ def main() -> None:
               f"{f(row['peak_memory_ratio'], '9.2f')} "
               f"{f(rss / 2**20 if rss is not None else None, '8.1f')} "
               f"{f(row['rss_ratio'], '9.2f')}"
-              + (f"  [{r['skipped']}]" if r.get("skipped") else ""), flush=True)
+              + (f"  [{r['skipped']}]" if r.get("skipped") else "")
+              + (f"  granular/scalar {row['granular_over_scalar']:.2f}"
+                 if row["granular_over_scalar"] else ""), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
