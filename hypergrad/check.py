@@ -63,7 +63,7 @@ def directional_errors(
     records = []
     for name, d in zip(names, basis, strict=True):
         analytic = float(g @ d)
-        best = None
+        best: dict[str, Any] | None = None
         for h in steps:
             step = jnp.asarray(h * d, dtype=flat.dtype)
             numeric = (float(f(unravel(flat + step))) - float(f(unravel(flat - step)))) / (2 * h)
@@ -72,6 +72,7 @@ def directional_errors(
             if best is None or err < best["rel_error"]:
                 best = {"name": name, "analytic": analytic, "numeric": numeric,
                         "eps": float(h), "rel_error": err}
+        assert best is not None  # steps is not empty
         records.append(best)
     return records
 

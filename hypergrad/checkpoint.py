@@ -29,7 +29,7 @@ def save(path: str | Path, tree: PyTree, meta: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
     with open(tmp, "wb") as f:
-        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

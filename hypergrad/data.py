@@ -175,7 +175,8 @@ def load(
     for read, index in zip(reads, parts, strict=True):
         x, y = read(index)
         splits.append((jnp.asarray(_images(x, name, dtype)), jnp.asarray(_labels(y, name))))
-    return Dataset(*splits, source.num_classes, name)
+    train, val, test = splits
+    return Dataset(train, val, test, source.num_classes, name)
 
 
 def _images(x: np.ndarray, name: str, dtype: Any) -> np.ndarray:

@@ -409,6 +409,7 @@ class HyperSpace:
             if n not in out or not c.granular:
                 continue
             layout = self._layout(n)
+            assert layout is not None
             value = out[n]
             if c.schedule is not None:
                 if step_values is None or n not in step_values:
@@ -466,6 +467,7 @@ class HyperSpace:
             if layout is not None and layout.groups is not None:
                 out[f"{n}@groups"] = np.asarray(layout.groups)
             if c.schedule is not None:
+                assert layout is not None
                 ts = jnp.arange(layout.steps)
                 out[f"{n}@steps"] = np.asarray(_at(c, jnp.asarray(value), ts))
         return out
@@ -486,7 +488,8 @@ def _layout(name: str, c: Constraint, target: PyTree, steps: int) -> Layout:
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     paths = tuple(_path(p) for p, _ in flat)
     shapes = tuple(tuple(np.shape(x)) for _, x in flat)
-    groups, leaf_groups = None, ()
+    groups: tuple[str, ...] | None = None
+    leaf_groups: tuple[int, ...] = ()
     per = c.per
     if per is not None and not flat:
         raise ValueError(f"{name} is declared per={per!r} but the tree it acts on has no "
@@ -533,7 +536,8 @@ def _layout(name: str, c: Constraint, target: PyTree, steps: int) -> Layout:
 def _initial(name: str, c: Constraint) -> PyTree:
     """The initial value laid out: ``[slots,] (groups,)`` or a tree of leaf shapes."""
     layout = c.layout
-    lead = () if layout.slots is None else (layout.slots,)
+    assert layout is not None
+    lead: tuple[int, ...] = () if layout.slots is None else (layout.slots,)
     ends = None
     if c.schedule is not None and c.schedule.kind in ("linear", "exponential"):
         end = c.value if c.schedule.end is None else c.schedule.end
@@ -559,6 +563,7 @@ def _initial(name: str, c: Constraint) -> PyTree:
 def _at(c: Constraint, value: PyTree, t: Array) -> PyTree:
     """The value of a scheduled hyperparameter at step(s) ``t``."""
     s, layout = c.schedule, c.layout
+    assert s is not None and layout is not None
     if s.kind in ("per_step", "windows"):
         idx = t if s.kind == "per_step" else t // s.every
         return jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), value)

@@ -62,7 +62,7 @@ def per_leaf(value: Any, params: PyTree) -> PyTree:
     A value with the tree structure of ``params`` is used leaf by leaf; anything else (a
     scalar, or an array that broadcasts against every leaf) is shared by all leaves.
     """
-    if jax.tree.structure(value) == jax.tree.structure(params):
+    if jax.tree.structure(value) == jax.tree.structure(params):  # type: ignore[operator]
         return value
     return jax.tree.map(lambda _: value, params)
 
@@ -107,7 +107,7 @@ def sgd(
 class AdamState(NamedTuple):
     """State of :func:`adam`: the step count and both moment estimates."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu: PyTree
     nu: PyTree
 
@@ -172,7 +172,7 @@ def adam(
 
 def by_name(name: str, **fixed: Any) -> InnerOptimizer:
     """The inner optimizer called ``name`` (``"sgd"`` or ``"adam"``) with fixed values."""
-    makers = {"sgd": sgd, "adam": adam}
+    makers: dict[str, Callable[..., InnerOptimizer]] = {"sgd": sgd, "adam": adam}
     if name not in makers:
         raise ValueError(f"unknown inner optimizer {name!r}; choose sgd or adam")
     return makers[name](**fixed)

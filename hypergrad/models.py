@@ -65,12 +65,12 @@ def functional(module: nnx.Module) -> Functional:
     Returns:
       ``Functional(apply, params)``.
     """
-    graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+    graphdef, state, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
     params = nnx.to_pure_dict(state)
     treedef = jax.tree.structure(params)
 
     def apply(params: Params, *args: Any, **kwargs: Any) -> Array:
-        if jax.tree.structure(params) != treedef:
+        if jax.tree.structure(params) != treedef:  # type: ignore[operator]
             raise ValueError(
                 f"params do not match the module's structure: expected {treedef}, got "
                 f"{jax.tree.structure(params)}"

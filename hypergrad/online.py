@@ -44,7 +44,7 @@ class SgdnHdState(NamedTuple):
 class AdamHdState(NamedTuple):
     """State of :func:`adam_hd`: learning rate, Adam's moments and the previous direction."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     learning_rate: jax.Array
     mu: PyTree
     nu: PyTree

@@ -68,7 +68,7 @@ class NonlinearCGState(NamedTuple):
       failed: whether the line search found no acceptable step; the update was zero.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     prev_grad: optax.Updates
     prev_direction: optax.Updates
     prev_slope: jax.Array
@@ -404,7 +404,8 @@ def nonlinear_cg(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_BY_NAME = {"gd": gradient_descent, "ncg": nonlinear_cg, "adam": adam}
+_BY_NAME: dict[str, Callable[[float], optax.GradientTransformationExtraArgs]] = {
+    "gd": gradient_descent, "ncg": nonlinear_cg, "adam": adam}
 
 # Step sizes for `by_name(name, None)`, in units of `phi` (log / logit coordinates). For ncg
 # it is only the first trial step: the line search sets the scale from then on.

@@ -258,7 +258,7 @@ def save_hparams(workdir: Path, task: Task, phi: PyTree, meta_step: int) -> Path
     path = folder / f"meta_step_{meta_step:05d}.npz"
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **values)
+        np.savez(f, **values)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return path
 
@@ -603,7 +603,7 @@ def check(experiment: Experiment, config: Config, *, directions: int | None = No
     """Compare the configured estimator with central differences; float64 is required."""
     from hypergrad.check import directional_errors
 
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise ConfigError("check needs float64: call jax.config.update('jax_enable_x64', True)")
     problem = build(experiment, config)
     task = problem.task

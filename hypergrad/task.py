@@ -274,12 +274,12 @@ def classification(
                              f"({n},), got {shape}: declare real(np.zeros({n}))")
         train_data = (*train_data, np.arange(n, dtype=np.int32))
 
-    init = params
-    if "init_scale" in tuned:
-        def init(key, hparams):
-            del key  # the model's own initialization, scaled
-            scale = per_leaf(hparams["init_scale"], params)
-            return jax.tree.map(lambda w, s: (s * w).astype(w.dtype), params, scale)
+    def scaled(key, hparams):
+        del key  # the model's own initialization, scaled
+        scale = per_leaf(hparams["init_scale"], params)
+        return jax.tree.map(lambda w, s: (s * w).astype(w.dtype), params, scale)
+
+    init = scaled if "init_scale" in tuned else params
 
     targets = {}
     if "leaky_slope" in tuned and space.constraints["leaky_slope"].per is not None:

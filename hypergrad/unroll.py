@@ -67,6 +67,7 @@ def _scan(body, carry, xs, length: int, every: int | str | None):
     if every == "nested":
         every = max(1, math.isqrt(length - 1) + 1)  # ceil(sqrt(T))
         body = jax.checkpoint(body, prevent_cse=False)
+    assert isinstance(every, int)
 
     def chunk(c, chunk_xs, n):
         return jax.lax.scan(body, c, chunk_xs, length=n)
@@ -153,6 +154,7 @@ def segment(
     else:
         idx = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
         idx = jax.lax.dynamic_slice_in_dim(idx, begin, length)
+    xs: Any
     if idx is None and schedule is None:
         xs = None if every is None else jnp.zeros((length, 0))  # an axis to chunk
         body = lambda s, _: step(s, None, None)  # noqa: E731

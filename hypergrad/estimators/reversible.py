@@ -92,11 +92,11 @@ def layout(steps: int, *, radix_bits: int | None = None, momentum_bits: int | No
            bits_per_step: float = 4.0, int_dtype: Any = None) -> FixedPoint:
     """The :class:`FixedPoint` layout for a horizon of ``steps`` (see :func:`reversible`)."""
     if int_dtype is None:
-        int_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+        int_dtype = jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32
     int_dtype = jnp.dtype(int_dtype)
     if int_dtype not in (jnp.dtype(jnp.int64), jnp.dtype(jnp.int32)):
         raise ValueError(f"int_dtype must be int64 or int32, got {int_dtype}")
-    if int_dtype == jnp.int64 and not jax.config.jax_enable_x64:
+    if int_dtype == jnp.int64 and not jax.config.read("jax_enable_x64"):
         raise ValueError("int64 fixed point needs jax_enable_x64; use int_dtype=int32")
     bits = jnp.iinfo(int_dtype).bits
     big = bits == 64
