@@ -89,7 +89,9 @@ def main() -> None:
               f"vs storing weights: {32 / total:.0f}x (f32) {64 / total:.0f}x (f64) total, "
               f"{32 / marginal:.0f}x (f32) marginal; capacity={int(aux['capacity_bits'])} "
               f"bits/param ({int(aux['capacity_bits']) / args.steps:.2f}/step allocated), "
-              f"max used={int(aux['max_param_bits'])}; "
+              f"max used={int(aux['max_param_bits'])}; storage "
+              f"{float(aux['storage_bits_per_param_step']):.2f} bits/param/step "
+              f"(1/{32 / float(aux['storage_bits_per_param_step']):.0f} of f32 weights); "
               f"exact={bool(aux['exact'])} overflow={bool(aux['overflow'])}; "
               f"max rel diff vs reverse={diff:.1e}; value diff={float(value - r_value):.1e}")
         print(f"  time: reversible {t_rev:.3f}s, reverse {t_ref:.3f}s, "

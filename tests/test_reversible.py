@@ -35,7 +35,7 @@ def run_there_and_back(task, key, int_dtype=None, seed=0):
     v0 = rng.integers(-2 ** (fp.radix_bits - 4), 2 ** (fp.radix_bits - 4), size)
     buf = rng.integers(0, 2 ** fp.word_bits, (fp.words, size))
     buf[-2:] = 0  # leave room for the pushes
-    s0 = s0._replace(v=jnp.asarray(v0, fp.int_dtype), buffer=jnp.asarray(buf, fp.int_dtype))
+    s0 = s0._replace(v=jnp.asarray(v0, fp.int_dtype), buffer=jnp.asarray(buf, fp.word_dtype))
     s_t, _ = jax.jit(lambda s: rv.forward(prob, hparams, fp, s))(s0)
     back = jax.jit(lambda s: rv.rewind(prob, hparams, fp, s))(s_t)
     return s0, s_t, back
@@ -212,3 +212,17 @@ def test_rejects_other_optimizers_and_bad_layouts():
         reversible(int_dtype=jnp.int16)
     with pytest.raises(TypeError, match="per_step"):
         reversible(per_step=("leaky_slope",))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
+def test_auto_capacity_stores_less_than_an_eighth_of_the_weights(momentum):
+    task = logreg_task(steps=200)
+    task = task.replace(space=task.space.with_values(momentum=momentum))
+    value, grad, aux = jax.jit(reversible())(task, task.space.init(), jax.random.key(0))
+    assert bool(aux["exact"]) and not bool(aux["overflow"])
+    # Words are stored in uint32: the allocated bits per parameter per step, against 32
+    # for keeping every step's float32 weights.
+    assert aux["storage_bits_per_param_step"] <= 32 / 8
+    ref_value, ref_grad, _ = hg.estimators.reverse()(task, task.space.init(), jax.random.key(0))
+    for name in grad:
+        np.testing.assert_allclose(grad[name], ref_grad[name], rtol=1e-6)

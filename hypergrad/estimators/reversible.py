@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from hypergrad.estimators.base import Estimator
@@ -73,6 +74,12 @@ class FixedPoint(NamedTuple):
         return jnp.iinfo(self.int_dtype).bits
 
     @property
+    def word_dtype(self) -> Any:
+        """The unsigned type the buffer is stored in: the smallest that holds a word
+        (``uint32`` for 32-bit words), so storage is not twice the information."""
+        return jnp.dtype(jnp.uint16 if self.word_bits <= 16 else jnp.uint32)
+
+    @property
     def limit(self) -> int:
         """Largest magnitude a weight, velocity or rounded update may take."""
         return 2 ** (self.int_bits - 2)
@@ -83,7 +90,7 @@ class ExactState(NamedTuple):
 
     w: jax.Array  # int[P]
     v: jax.Array  # int[P]
-    buffer: jax.Array  # int[K, P], word 0 least significant
+    buffer: jax.Array  # uint[K, P] (word_dtype), word 0 least significant
     buffer_overflow: jax.Array  # bool, sticky
     range_overflow: jax.Array  # bool, sticky
 
@@ -118,13 +125,17 @@ def layout(steps: int, *, radix_bits: int | None = None, momentum_bits: int | No
 # --- the buffer: a big non-negative integer per parameter in K words of b bits -------------
 
 
+# Words are stored unsigned in ``word_dtype`` and widened to ``int_dtype`` one at a time for
+# the arithmetic, which needs ``word * 2**m + carry`` to fit.
+
+
 def _push(buf, x, base, fp: FixedPoint):
     """``buf <- buf * base + x`` for ``0 <= x < base <= 2**m``; returns (buf, overflow)."""
     mask = (1 << fp.word_bits) - 1
 
     def body(carry, word):
-        t = word * base + carry
-        return t >> fp.word_bits, t & mask
+        t = word.astype(fp.int_dtype) * base + carry
+        return t >> fp.word_bits, (t & mask).astype(fp.word_dtype)
 
     carry, new = jax.lax.scan(body, x, buf)
     return new, jnp.any(carry != 0)
@@ -134,34 +145,37 @@ def _pop(buf, base, fp: FixedPoint):
     """``x = buf mod base; buf <- buf // base``; returns (x, buf)."""
 
     def body(rem, word):
-        t = (rem << fp.word_bits) | word
-        return t % base, t // base
+        t = (rem << fp.word_bits) | word.astype(fp.int_dtype)
+        return t % base, (t // base).astype(fp.word_dtype)
 
-    rem, new = jax.lax.scan(body, jnp.zeros_like(buf[0]), buf, reverse=True)
+    rem, new = jax.lax.scan(body, jnp.zeros(buf.shape[1:], fp.int_dtype), buf, reverse=True)
     return rem, new
 
 
 def _push_pow2(buf, x, fp: FixedPoint):
     """``buf <- buf * 2**m + x`` by shifting; returns (buf, overflow)."""
     m, b = fp.momentum_bits, fp.word_bits
-    spill = buf >> (b - m)
-    new = ((buf << m) & ((1 << b) - 1)) | jnp.concatenate([x[None], spill[:-1]])
-    return new, jnp.any(spill[-1] != 0)
+    wide = buf.astype(fp.int_dtype)
+    spill = wide >> (b - m)
+    new = ((wide << m) & ((1 << b) - 1)) | jnp.concatenate([x[None], spill[:-1]])
+    return new.astype(fp.word_dtype), jnp.any(spill[-1] != 0)
 
 
 def _pop_pow2(buf, fp: FixedPoint):
     """``x = buf mod 2**m; buf <- buf // 2**m`` by shifting; returns (x, buf)."""
     m, b = fp.momentum_bits, fp.word_bits
-    low = buf & ((1 << m) - 1)
+    wide = buf.astype(fp.int_dtype)
+    low = wide & ((1 << m) - 1)
     carried = jnp.concatenate([low[1:] << (b - m), jnp.zeros_like(low[:1])])
-    return low[0], (buf >> m) | carried
+    return low[0], ((wide >> m) | carried).astype(fp.word_dtype)
 
 
 def buffer_bits(buf, fp: FixedPoint) -> jax.Array:
     """Bits each parameter's buffer holds (the bit length of its big integer), ``int[P]``."""
-    length = fp.int_bits - jax.lax.clz(buf)
-    offset = (jnp.arange(fp.words, dtype=buf.dtype) * fp.word_bits)[:, None]
-    return jnp.max(jnp.where(buf != 0, offset + length, 0), axis=0)
+    wide = buf.astype(fp.int_dtype)
+    length = fp.int_bits - jax.lax.clz(wide)
+    offset = (jnp.arange(fp.words, dtype=fp.int_dtype) * fp.word_bits)[:, None]
+    return jnp.max(jnp.where(wide != 0, offset + length, 0), axis=0)
 
 
 def _mul_mu(v, buf, n, fp: FixedPoint):
@@ -334,13 +348,29 @@ def start(task: Task, hparams, key, fp: FixedPoint):
     prob = _problem(task, hparams, data_key, unravel, params)
     w, bad = _quantize(w0, fp)
     zeros = jnp.zeros_like(w)
-    state = ExactState(w, zeros, jnp.zeros((fp.words, w.size), fp.int_dtype),
+    state = ExactState(w, zeros, jnp.zeros((fp.words, w.size), fp.word_dtype),
                        jnp.zeros((), bool), bad)
     return prob, state, unravel, init_key
 
 
+def auto_bits_per_step(task: Task, momentum_bits: int, slack: float = 1.25) -> float:
+    """Buffer capacity per parameter per step for the task's initial momentum: ``slack``
+    times ``log2(1 / mu_q)`` for its smallest value (entries, schedule endpoints or the
+    fixed value), the bits one step destroys."""
+    if "momentum" in task.space:
+        c = task.space.constraints["momentum"]
+        values = [c.value] + ([c.schedule.end] if c.schedule is not None
+                              and c.schedule.end is not None else [])
+        mu = min(float(np.min(np.asarray(v, np.float64))) for v in values)
+    else:
+        mu = float(sgd_defaults(task)["momentum"])
+    d = 2 ** momentum_bits
+    mu_q = max(1, round(mu * d)) / d
+    return max(slack * math.log2(1 / mu_q), 1e-3)
+
+
 def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
-               bits_per_step: float = 4.0, int_dtype: Any = None) -> Estimator:
+               bits_per_step: float | str = "auto", int_dtype: Any = None) -> Estimator:
     """Hypergradients by running exact fixed-point SGD with momentum backward.
 
     Memory does not grow with the trajectory: only the buffer of destroyed bits, about
@@ -354,7 +384,12 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
       momentum_bits: momentum is quantized to a multiple of ``2**-momentum_bits``;
         default 30 for int64, 15 for int32. Also a one-off buffer cost per parameter.
       bits_per_step: buffer capacity per parameter per step (beyond the one-off
-        ``momentum_bits``); 4 holds momenta down to about 1/16.
+        ``momentum_bits``): ``"auto"`` (default) sizes it from the task's initial
+        momentum, 1.25 ``log2(1/momentum)`` (0.19 bits at 0.9, 1.25 at 0.5), so the
+        buffer takes a fraction of the memory of storing the weights; a number fixes it
+        (4 holds momenta down to about 1/16) for runs whose momentum may fall far below
+        where it started. Running out is detected (``aux["buffer_overflow"]``, NaN
+        hypergradient), never silent.
       int_dtype: ``int64`` (default under x64) or ``int32`` (default otherwise).
 
     Learning-rate, momentum and weight-decay schedules and per-layer values are declared
@@ -367,7 +402,9 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
       surrogate, all NaN when ``aux["overflow"]`` or not ``aux["exact"]``. ``aux`` holds
       ``train_loss``, ``train_losses``, ``params``, ``buffer_bits`` (bits held after each
       step, summed over parameters), ``bits_per_param_step``, ``max_param_bits``,
-      ``capacity_bits`` (per parameter), ``buffer_overflow``, ``range_overflow``,
+      ``capacity_bits`` (per parameter), ``storage_bits_per_param_step`` (the buffer's
+      allocated storage over the horizon; 32 for float32 weights stored every step),
+      ``buffer_overflow``, ``range_overflow``,
       ``overflow`` and ``exact`` (the backward pass recovered the initial weights,
       velocities and empty buffer bit for bit).
 
@@ -378,12 +415,19 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
     """
     options = dict(radix_bits=radix_bits, momentum_bits=momentum_bits,
                    bits_per_step=bits_per_step, int_dtype=int_dtype)
-    layout(1, radix_bits=radix_bits, momentum_bits=momentum_bits, bits_per_step=bits_per_step,
-           int_dtype=int_dtype)  # validate now, not at the first call
+    auto = bits_per_step == "auto"
+    if isinstance(bits_per_step, str) and not auto:
+        raise ValueError(f"bits_per_step must be 'auto' or a positive number, got "
+                         f"{bits_per_step!r}")
+    fp1 = layout(1, radix_bits=radix_bits, momentum_bits=momentum_bits,
+                 bits_per_step=1.0 if auto else bits_per_step,
+                 int_dtype=int_dtype)  # validate now, not at the first call
 
     def estimate(task: Task, phi: Any, key: jax.Array):
+        per_step = (auto_bits_per_step(task, fp1.momentum_bits) if auto
+                    else bits_per_step)
         fp = layout(task.steps, radix_bits=radix_bits, momentum_bits=momentum_bits,
-                    bits_per_step=bits_per_step, int_dtype=int_dtype)
+                    bits_per_step=per_step, int_dtype=int_dtype)
         hparams, constrain_vjp = jax.vjp(task.space.constrain, phi)
         prob, s0, unravel, init_key = start(task, hparams, key, fp)
         s_t, (losses, used) = forward(prob, hparams, fp, s0)
@@ -424,6 +468,7 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
             "buffer_bits": used, "bits_per_param_step": used[-1] / (s_t.w.size * task.steps),
             "max_param_bits": jnp.max(per_param),
             "capacity_bits": fp.words * fp.word_bits,
+            "storage_bits_per_param_step": fp.words * fp.word_dtype.itemsize * 8 / task.steps,
             "buffer_overflow": s_t.buffer_overflow, "range_overflow": s_t.range_overflow,
             "overflow": overflow, "exact": exact,
         }
