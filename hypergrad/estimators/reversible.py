@@ -419,13 +419,12 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
     if isinstance(bits_per_step, str) and not auto:
         raise ValueError(f"bits_per_step must be 'auto' or a positive number, got "
                          f"{bits_per_step!r}")
-    fp1 = layout(1, radix_bits=radix_bits, momentum_bits=momentum_bits,
-                 bits_per_step=1.0 if auto else bits_per_step,
+    fixed = 1.0 if isinstance(bits_per_step, str) else float(bits_per_step)
+    fp1 = layout(1, radix_bits=radix_bits, momentum_bits=momentum_bits, bits_per_step=fixed,
                  int_dtype=int_dtype)  # validate now, not at the first call
 
     def estimate(task: Task, phi: Any, key: jax.Array):
-        per_step = (auto_bits_per_step(task, fp1.momentum_bits) if auto
-                    else bits_per_step)
+        per_step = auto_bits_per_step(task, fp1.momentum_bits) if auto else fixed
         fp = layout(task.steps, radix_bits=radix_bits, momentum_bits=momentum_bits,
                     bits_per_step=per_step, int_dtype=int_dtype)
         hparams, constrain_vjp = jax.vjp(task.space.constrain, phi)
