@@ -32,3 +32,57 @@ def test_grazzi_hierarchy_tiny(tmp_path, capsys):
 def test_grazzi_hierarchy_cannot_resume(tmp_path, capsys):
     assert main(["run", "grazzi-hierarchy", "--resume", "--workdir", str(tmp_path)]) == 2
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_hoag_tiny(tmp_path, capsys):
+    workdir = tmp_path / "h"
+    assert main(["run", "hoag", "--set", "meta_steps=12", "--set", "data.train_size=300",
+                 "--set", "data.val_size=200", "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    for name in ("hoag", "grid", "random"):
+        r = results[name]
+        assert len(r["seconds"]) == 12 and r["seconds"] == sorted(r["seconds"])
+        # Every incumbent scores no better than the reference optimum.
+        assert min(r["incumbent_val_loss"]) >= results["reference"]["val_loss"] - 1e-12
+    hoag = results["hoag"]
+    assert hoag["tol"][0] > hoag["tol"][-1]  # the tolerance decreases
+    summary = json.loads((workdir / "summary.json").read_text())
+    # HOAG moves from its start (log l2 = log 0.02 = -3.9) to within 0.5 of the optimum;
+    # this grid's spacing (16 / 11) is too coarse to compare with its best point here.
+    assert abs(summary["hoag_log_l2"] - summary["optimal_log_l2"]) < 0.5
+    assert abs(summary["hoag_log_l2"] - results["hoag"]["log_l2"][0]) > 4
+    assert summary["suboptimality"]["hoag"] < results["hoag"]["incumbent_val_loss"][0] - \
+        results["reference"]["val_loss"]
+    assert (workdir / "suboptimality.png").stat().st_size > 0
+
+
+def test_hoag_hypergradient_matches_central_differences():
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from experiments import hoag
+
+    config = hoag.HoagConfig(data_train_size=200, data_val_size=100).validate()
+    task = hoag.build(config).task
+    solve = jax.jit(lambda phi: hoag.inner_solve(task, phi, task.params, 1e-11, 5000)[0])
+    phi = {"l2": jnp.asarray(-5.0)}
+    w = solve(phi)
+    q0 = jnp.zeros_like(ravel_pytree(w)[0])
+    _, grad, _, _, residual = hoag.implicit_hypergrad(task, phi, w, q0, 1e-11, 2000)
+    assert residual <= 1e-11
+
+    def val(x):
+        p = {"l2": jnp.asarray(x)}
+        return task.val_loss(solve(p), task.space.constrain(p), task.val_data)
+
+    eps = 1e-4
+    numeric = (val(-5.0 + eps) - val(-5.0 - eps)) / (2 * eps)
+    assert abs(float(grad["l2"]) - float(numeric)) <= 1e-6 * abs(float(numeric))
+
+
+def test_hoag_bad_values_are_config_errors(tmp_path, capsys):
+    assert main(["run", "hoag", "--set", "tol_decay=1.5", "--workdir", str(tmp_path)]) == 2
+    assert "tol_decay" in capsys.readouterr().err
+    assert main(["run", "hoag", "--set", "l2=10", "--workdir", str(tmp_path)]) == 2
+    assert "log_l2_high" in capsys.readouterr().err
