@@ -86,3 +86,59 @@ def test_hoag_bad_values_are_config_errors(tmp_path, capsys):
     assert "tol_decay" in capsys.readouterr().err
     assert main(["run", "hoag", "--set", "l2=10", "--workdir", str(tmp_path)]) == 2
     assert "log_l2_high" in capsys.readouterr().err
+
+
+def test_baydin_hd_tiny(tmp_path, capsys):
+    workdir = tmp_path / "b"
+    assert main(["run", "baydin-hd", "--set", "steps=100", "--set", "alphas=1e-1,1e-3",
+                 "--set", "betas=1e-3,1e-1", "--set", "models=logreg",
+                 "--set", "target_logreg=1.0", "--set", "dtype=float64",
+                 "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["runs"]) == {"logreg/sgd", "logreg/sgdn", "logreg/adam"}
+    sgd = results["runs"]["logreg/sgd"]
+    assert len(sgd["iterations_hd"]) == 2 and len(sgd["iterations_hd"][0]) == 2
+    # At alpha_0 = 1e-3 plain SGD does not reach the loss in 100 steps; with beta = 0.1
+    # hypergradient descent raises the learning rate until it does.
+    assert sgd["iterations_plain"][1] is None
+    assert sgd["iterations_hd"][1][1] is not None
+    assert sgd["final_lr_hd"][1][1] > 1e-2
+    assert (workdir / "iterations.png").stat().st_size > 0
+
+
+def test_baydin_hd_beta_zero_is_the_plain_optimizer():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from experiments import baydin_hd
+
+    config = baydin_hd.BaydinConfig(steps=20, eval_every=5, data_train_size=200,
+                                     dtype="float64").validate()
+    task = baydin_hd.build(config, "logreg").task
+    run = baydin_hd.make_grid_run(task, "sgd", 20, 5, 0.9)
+    key = jax.random.key(0)
+    losses, lrs = run(jnp.asarray([0.1]), jnp.asarray([0.0]), key)
+    # The same 20 minibatches by plain optax SGD.
+    idx = baydin_hd.batch_indices(key, task.num_examples, task.batch_size, 20)
+    params, opt = task.params, optax.sgd(0.1)
+    state = opt.init(params)
+    for i in idx:
+        batch = jax.tree.map(lambda a, i=i: a[i], task.train_data)
+        updates, state = opt.update(jax.grad(task.train_loss)(params, {}, batch), state)
+        params = optax.apply_updates(params, updates)
+    expected = task.train_loss(params, {}, task.train_data)
+    np.testing.assert_allclose(losses[0, -1], expected, rtol=1e-10)
+    np.testing.assert_allclose(lrs[0], 0.1)
+
+
+def test_iterations_to_marks_divergence_and_misses_as_not_reached():
+    import numpy as np
+
+    from experiments.baydin_hd import iterations_to
+
+    losses = np.array([[2.0, 0.9, 0.4], [2.0, np.nan, 0.1], [2.0, 1.5, 1.2]])
+    assert iterations_to(losses, 0.5, 10) == [20, 20, None]
+    losses = np.array([[2.0, np.inf, np.nan]])
+    assert iterations_to(losses, 0.5, 10) == [None]
