@@ -142,3 +142,48 @@ def test_iterations_to_marks_divergence_and_misses_as_not_reached():
     assert iterations_to(losses, 0.5, 10) == [20, 20, None]
     losses = np.array([[2.0, np.inf, np.nan]])
     assert iterations_to(losses, 0.5, 10) == [None]
+
+
+SEED_TINY = ["--set", "steps=3", "--set", "meta_steps=4", "--set", "batch_size=20",
+             "--set", "channels=4,4,4", "--set", "data.train_size=200",
+             "--set", "data.val_size=100", "--set", "dtype=float64", "--quiet"]
+
+
+def test_seed_recurrence_tiny_follows_the_formula(tmp_path, capsys):
+    import math
+
+    workdir = tmp_path / "r"
+    assert main(["run", "seed-recurrence", *SEED_TINY, "--workdir", str(workdir)]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    rec, gd = results["recurrence"], results["gd"]
+    assert rec["stopped"] is None and len(rec["slope"]) == 5
+    # a_t = a_{t-1} + a_{t-2} (exp(b_t) - b_{t-1}) with a_{-1} = b_{-1} = 0, where b_t is
+    # the hypergradient recorded at meta-step t (taken at a_t, applied to reach a_{t+1}).
+    a, b = [0.0, *rec["slope"]], [0.0, *rec["hypergrad"]]
+    for t in range(1, len(a) - 1):
+        assert math.isclose(a[t + 1], a[t] + a[t - 1] * (math.exp(b[t]) - b[t - 1]),
+                            rel_tol=1e-12)
+    # Gradient descent: a_{t+1} = a_t - outer_lr * b_t with outer_lr = 1.
+    for t in range(len(gd["slope"]) - 1):
+        assert math.isclose(gd["slope"][t + 1], gd["slope"][t] - gd["hypergrad"][t],
+                            rel_tol=1e-12)
+    assert (workdir / "trajectories.png").stat().st_size > 0
+
+
+def test_seed_recurrence_stops_before_a_bad_slope_reaches_the_run():
+    import jax
+
+    import hypergrad as hg
+    from experiments import seed_recurrence as sr
+
+    tiny = dict(steps=3, meta_steps=4, batch_size=20, channels="4,4,4", data_train_size=200,
+                data_val_size=100, dtype="float64")
+    opt, key = hg.outer.fibonacci_recurrence(), jax.random.key(0)
+    config = sr.SeedRecurrenceConfig(**tiny, max_slope=0.015).validate()
+    out = sr.trajectory(sr.build(config).task, opt, config, key)
+    assert "beyond max_slope" in out["stopped"]
+    assert out["slope"] == [0.01, 0.01]  # a_2 = 0.02 was refused
+    config = sr.SeedRecurrenceConfig(**tiny, learning_rate=1e9).validate()
+    out = sr.trajectory(sr.build(config).task, opt, config, key)
+    assert "non-finite" in out["stopped"]
+    assert out["slope"] == [0.01] and out["val_loss"] == [None]  # never updated
