@@ -22,8 +22,9 @@ small (|b| < 0.15) -- and at slope 0.87 training diverged (non-finite validation
 so the run stopped after 10 updates; its validation loss fell from 0.484 to 0.439 on the
 way, only because a larger slope happened to help here. Gradient descent moved the slope
 from 0.01 to -0.53 and the validation loss from 0.484 to 0.462, oscillating at the end.
-The recurrence does not descend: its step is ``a_{t-2}`` scaled by ``exp(b_t) - b_{t-1}``,
-positive whatever the sign of the hypergradient.
+The recurrence does not descend: its step is ``a_{t-2}`` times ``exp(b_t) - b_{t-1}``,
+which is positive whenever ``|b| < 0.5`` (here ``|b| < 0.15``), so a positive slope grows
+whatever the sign of the hypergradient.
 """
 
 from __future__ import annotations
