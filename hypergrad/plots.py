@@ -156,6 +156,7 @@ def plot_compare(workdirs: list[str | Path], out: str | Path) -> list[Path]:
                 ax.plot(steps, v, marker=".", markersize=3, label=label)
             if values and min(values) > 0 and max(values) > 3 * min(values):
                 ax.set_yscale("log")
+                ax.tick_params(which="minor", labelsize=6)
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("meta-step", fontsize=8)
             ax.tick_params(labelsize=7)
