@@ -1,6 +1,6 @@
 """baydin-hd: iterations to a training loss, with and without hypergradient descent.
 
-Run:  hypergrad run baydin-hd        (about 2 minutes on 2 CPU cores, shared)
+Run:  hypergrad run baydin-hd        (about 2.3 minutes on 2 CPU cores, shared)
 
 Mirrors Baydin et al. (2018), "Online Learning Rate Adaptation with Hypergradient
 Descent", Fig. 3 (the grid of initial learning rate alpha_0 and hypergradient step beta)

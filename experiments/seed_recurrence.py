@@ -229,13 +229,16 @@ def plot(results_path: Path, path: Path) -> None:
     fib = results["fibonacci"]
     ax_s.plot(range(len(fib)), fib, "k--", linewidth=1, label=r"$F_{t+1}\,a_0$ (zero $b$)")
     ax_s.set_yscale("symlog", linthresh=0.01)  # the slope may cross zero
-    ax_s.set_ylim(top=max(1.0, *(abs(s) for n in UPDATES for s in results[n]["slope"])) * 1.5)
+    ax_s.set_ylim(top=max(1.0, *(abs(s) for n in UPDATES for s in results[n]["slope"])) * 3)
     ax_s.set(xlabel="meta-step t", ylabel="leaky-ReLU slope a_t (symlog)")
     for name in UPDATES:  # mark where a run was stopped
         if results[name]["stopped"]:
             t = len(results[name]["slope"]) - 1
-            ax_s.annotate("stopped:\nnon-finite", (t, results[name]["slope"][-1]),
-                          textcoords="offset points", xytext=(-10, 12), fontsize=7)
+            ax_s.plot([t], [results[name]["slope"][-1]], "rx", markersize=8)
+            ax_s.annotate("stopped: validation\nloss not finite here" if "non-finite" in
+                          results[name]["stopped"] else "stopped here",
+                          (t, results[name]["slope"][-1]), textcoords="offset points",
+                          xytext=(8, -22), fontsize=7)
     ax_v.set(xlabel="meta-step t", ylabel="validation loss (MSE)")
     for ax in (ax_s, ax_v):
         ax.grid(alpha=0.3, which="both")
