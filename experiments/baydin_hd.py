@@ -92,7 +92,9 @@ class BaydinConfig(Config):
     momentum: float = 0.9
 
     def space(self) -> hg.HyperSpace:
-        return hg.HyperSpace({})
+        """SGD's learning rate at the first alpha_0: what ``hypergrad check baydin-hd``
+        differentiates (the grid itself adapts it online, not through this space)."""
+        return hg.HyperSpace({"learning_rate": hg.positive(_floats(self.alphas, "alphas")[0])})
 
     def validate(self) -> BaydinConfig:
         super().validate()

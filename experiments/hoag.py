@@ -110,8 +110,10 @@ def build(config: HoagConfig) -> Problem:
     features = math.prod(data.input_shape)
     model = hg.models.LogisticRegression(nnx.Rngs(config.seed), features, data.num_classes,
                                          param_dtype=dtype)
+    # HOAG trains by L-BFGS (inner_solve); the task's own optimizer, full-batch gradient
+    # descent, is what `hypergrad check hoag` differentiates through.
     task, predict = classification(model, data, config.space(), steps=config.steps,
-                                   loss="ce")
+                                   loss="ce", optimizer=hg.inner.sgd(learning_rate=0.5))
     data_loss = task.train_loss
 
     def penalized(params, hparams, batch):
@@ -199,7 +201,7 @@ def implicit_hypergrad(task: hg.Task, phi, w, q0, tol, maxiter: int):
     return value, jax.grad(lagrangian)(phi), q, i, jnp.sqrt(rs)
 
 
-def _methods(task: hg.Task, maxiter: int):
+def _methods(maxiter: int):
     """The jitted pieces: a HOAG iteration and a search evaluation (solve + score)."""
 
     def hoag_iteration(task, phi, w, q, tol):
@@ -304,7 +306,7 @@ def main(config: HoagConfig, workdir: Path, progress: bool) -> dict:
         jax.config.update("jax_enable_x64", True)
     task = build(config).task
     dtype = jnp.dtype(config.dtype)
-    hoag_iteration, evaluate = _methods(task, config.steps)
+    hoag_iteration, evaluate = _methods(config.steps)
     # Compile both before any clock starts.
     phi0 = task.space.init(dtype)
     q0 = jnp.zeros_like(ravel_pytree(task.params)[0])

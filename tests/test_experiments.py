@@ -8,7 +8,8 @@ from hypergrad.cli import main
 def test_list_names_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "seed-cnn" in out and "grazzi-hierarchy" in out
+    for name in ("seed-cnn", "grazzi-hierarchy", "hoag", "baydin-hd", "seed-recurrence"):
+        assert name in out
 
 
 def test_grazzi_hierarchy_tiny(tmp_path, capsys):
