@@ -112,7 +112,8 @@ def build(config: HoagConfig) -> Problem:
                                          param_dtype=dtype)
     # HOAG trains by L-BFGS (inner_solve); the task's own optimizer, full-batch gradient
     # descent, is what `hypergrad check hoag` differentiates through.
-    task, predict = classification(model, data, config.space(), steps=config.steps,
+    # The penalty is added below: the plain task tunes nothing yet.
+    task, predict = classification(model, data, hg.HyperSpace({}), steps=config.steps,
                                    loss="ce", optimizer=hg.inner.sgd(learning_rate=0.5))
     data_loss = task.train_loss
 
@@ -120,7 +121,7 @@ def build(config: HoagConfig) -> Problem:
         w = params["linear"]["kernel"]
         return data_loss(params, hparams, batch) + hparams["l2"] * jnp.sum(w**2)
 
-    task = task.replace(train_loss=penalized)
+    task = task.replace(train_loss=penalized, space=config.space())
     x_test, y_test = data.test
 
     def evaluate(params, hparams):
