@@ -6,7 +6,7 @@ The source article proposes to update a ReLU parameter, the leaky slope ``a``, b
 ``a_t = a_{t-1} + a_{t-2} (exp(b_t) - b_{t-1})`` with ``b_t`` the hypergradient at meta-step
 t (:func:`hypergrad.outer.fibonacci_recurrence`, with ``a_{-1} = b_0 = 0``). This runs it
 beside plain gradient descent on the slope (``a <- a - outer_lr * b``) on the seed CNN
-(:func:`hypergrad.task.seed_cnn`, digits, MSE), each for ``meta_steps`` meta-steps of
+(:class:`hypergrad.models.SeedCNN`, digits, MSE), each for ``meta_steps`` meta-steps of
 reverse-mode hypergradients through ``steps`` SGD steps; learning rate, momentum and
 weight decay stay fixed at their initial values. The slope is a ``real`` hyperparameter,
 so ``phi`` is the slope itself and ``b_t = dL_val / da``.
@@ -38,12 +38,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.models import accuracy
 from hypergrad.run import Experiment, Problem
-from hypergrad.task import seed_cnn
+from hypergrad.task import classification
 from hypergrad.unroll import objective
 
 UPDATES = {"gd": "gradient descent", "recurrence": "recurrence (article)"}
@@ -98,11 +99,14 @@ def build(config: SeedRecurrenceConfig) -> Problem:
     data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
                         val_size=config.data_val_size, test_size=config.data_test_size or None,
                         data_dir=config.data_dir or None, dtype=dtype)
-    task, predict = seed_cnn(data, config.space(), steps=config.steps,
-                             batch_size=config.batch_size or None, loss=config.loss,
-                             seed=config.seed, channels=config.widths(), dtype=dtype)
-    task = task.replace(optimizer=hg.inner.sgd(config.learning_rate, config.momentum,
-                                               config.weight_decay))
+    *image_shape, in_channels = data.input_shape
+    model = hg.models.SeedCNN(nnx.Rngs(config.seed), in_channels=in_channels,
+                              channels=config.widths(), num_classes=data.num_classes,
+                              image_shape=tuple(image_shape), param_dtype=dtype)
+    optimizer = hg.inner.sgd(config.learning_rate, config.momentum, config.weight_decay)
+    task, predict = classification(model, data, config.space(), steps=config.steps,
+                                   batch_size=config.batch_size or None, loss=config.loss,
+                                   optimizer=optimizer)
     x_test, y_test = data.test
 
     def evaluate(params, hparams):
