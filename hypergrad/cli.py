@@ -1,4 +1,4 @@
-"""The ``hypergrad`` command: run, list and check experiments.
+"""The ``hypergrad`` command: run, list, check and plot experiments.
 
 Bad input (an unknown experiment or key, a value of the wrong type or out of range)
 prints one line naming the problem and exits with status 2.
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="random directions to check (default: every coordinate)")
     c.add_argument("--tol", type=float, default=1e-6, help="relative-error tolerance")
     sub.add_parser("list", help="list the experiments")
+    pl = sub.add_parser("plot", help="redraw a run's figures, or overlay several runs")
+    pl.add_argument("workdirs", nargs="+", metavar="WORKDIR",
+                    help="workdirs of standard runs (with metrics.jsonl)")
+    pl.add_argument("--out", help="where to write the figures (default: the workdir for "
+                                  "one run, the current directory for several)")
     return p
 
 
@@ -61,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         args.experiment_given = args.experiment is not None
         args.experiment = args.experiment or DEFAULT_EXPERIMENT
     from hypergrad.data import DataError
+    from hypergrad.plots import PlotError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, PlotError) as e:
         print(f"hypergrad: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the run loop took over the signals
@@ -124,7 +130,21 @@ def _check(args) -> int:
     return 0 if worst <= args.tol else 1
 
 
-_COMMANDS = {"run": _run, "list": _list, "check": _check}
+def _plot(args) -> int:
+    from hypergrad import plots
+
+    workdirs = [Path(w) for w in args.workdirs]
+    if len(workdirs) == 1:
+        plots.read_run(workdirs[0])  # a one-line error before any figure is drawn
+        paths = plots.plot_run(workdirs[0], args.out)
+    else:
+        paths = plots.plot_compare(workdirs, args.out or ".")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+_COMMANDS = {"run": _run, "list": _list, "check": _check, "plot": _plot}
 
 
 if __name__ == "__main__":

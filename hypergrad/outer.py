@@ -426,3 +426,34 @@ def by_name(name: str, learning_rate: float | None = None) -> optax.GradientTran
         choices = ", ".join(repr(k) for k in _BY_NAME)
         raise ValueError(f"unknown outer optimizer {name!r}; choose one of {choices}") from None
     return factory(DEFAULT_LR[name] if learning_rate is None else learning_rate)
+
+
+class RecurrenceState(NamedTuple):
+    """State of :func:`fibonacci_recurrence`: ``alpha_{t-2}`` and ``beta_{t-1}``."""
+
+    prev_params: optax.Params
+    prev_grad: optax.Updates
+
+
+def fibonacci_recurrence() -> optax.GradientTransformationExtraArgs:
+    """The source article's hyper-update ``a_t = a_{t-1} + a_{t-2} (exp(b_t) - b_{t-1})``.
+
+    ``a`` is ``phi`` (use a ``real`` hyperparameter to apply it to the value itself) and
+    ``b_t`` the hypergradient given to the update at meta-step t; ``a_{-1} = 0`` and
+    ``b_0 = 0``. It is not a descent method: with ``b`` near zero the step is
+    ``a_{t-2}``, so ``a_t`` grows like the Fibonacci numbers (``a_t ~ F_{t+1} a_0``,
+    by a factor of about 1.618 per meta-step) whatever the objective does; the
+    hypergradient only rescales that growth. Extra arguments are accepted and ignored.
+    """
+
+    def init_fn(params: optax.Params) -> RecurrenceState:
+        zeros = optax.tree.zeros_like(params)
+        return RecurrenceState(zeros, zeros)
+
+    def update_fn(updates, state, params, **extra_args):
+        del extra_args
+        step = jax.tree.map(lambda a2, b, b1: (a2 * (jnp.exp(b) - b1)).astype(a2.dtype),
+                            state.prev_params, updates, state.prev_grad)
+        return step, RecurrenceState(params, updates)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,4 +1,8 @@
-"""Figures drawn from a run's ``metrics.jsonl``; never called inside training code."""
+"""Figures drawn from a run's ``metrics.jsonl``; never called inside training code.
+
+``hypergrad plot WORKDIR`` redraws one run's figures (:func:`plot_run`); with several
+workdirs it overlays them (:func:`plot_compare`).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,49 @@ from pathlib import Path
 from typing import Any
 
 
+class PlotError(ValueError):
+    """A workdir cannot be plotted; the message says which and why."""
+
+
 def _records(workdir: Path) -> list[dict[str, Any]]:
     with open(workdir / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f if line.strip()]
     return [r for r in lines if "val_loss" in r]
 
 
+def read_run(workdir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A standard run's accepted meta-steps (from ``metrics.jsonl``) and its config.
+
+    Raises :class:`PlotError` for a missing workdir, one without ``metrics.jsonl`` (an
+    experiment with its own ``main`` draws its figures itself), an unreadable file, or a
+    run with no accepted meta-step. The config is ``{}`` when ``config.json`` is absent.
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise PlotError(f"no workdir {workdir}")
+    if not (workdir / "metrics.jsonl").is_file():
+        raise PlotError(f"{workdir} holds no metrics.jsonl; only standard runs can be "
+                        "plotted (other experiments write their figures themselves)")
+    try:
+        records = _records(workdir)
+    except (OSError, ValueError) as e:
+        raise PlotError(f"{workdir / 'metrics.jsonl'} is unreadable: {e}") from None
+    if not records:
+        raise PlotError(f"{workdir / 'metrics.jsonl'} holds no accepted meta-step")
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return records, config if isinstance(config, dict) else {}
+
+
 def _scalar(v: Any) -> float:
     return v if isinstance(v, float) else v["mean"]
 
 
-def plot_run(workdir: str | Path) -> list[Path]:
-    """Write ``val_loss.png`` and ``hparams.png`` into ``workdir``; return their paths.
+def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write ``val_loss.png`` and ``hparams.png`` into ``out`` (default ``workdir``);
+    return their paths.
 
     ``val_loss.png``: validation loss per meta-step. ``hparams.png``: one panel per
     hyperparameter with its trajectory (the mean, for array-valued ones), on a log axis
@@ -30,6 +65,8 @@ def plot_run(workdir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
+    out = workdir if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     records = _records(workdir)
     steps = [r["meta_step"] for r in records]
     paths = []
@@ -39,7 +76,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
-    paths.append(_save(plt, fig, workdir / "val_loss.png"))
+    paths.append(_save(plt, fig, out / "val_loss.png"))
 
     names = list(records[0]["hparams"]) if records else []
     if names:
@@ -53,15 +90,16 @@ def plot_run(workdir: str | Path) -> list[Path]:
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("meta-step")
             ax.grid(alpha=0.3)
-        paths.append(_save(plt, fig, workdir / "hparams.png"))
-    schedules = plot_schedules(workdir)
+        paths.append(_save(plt, fig, out / "hparams.png"))
+    schedules = plot_schedules(workdir, out)
     return paths + ([schedules] if schedules else [])
 
 
-def plot_schedules(workdir: str | Path) -> Path | None:
-    """Write ``schedules.png``: each scheduled hyperparameter over the inner steps, one
-    line per group (layer), as tuned at the last saved meta-step (solid) and at the start
-    (dashed); as Maclaurin et al. (2015), Fig. 2. ``None`` if the run has no schedule."""
+def plot_schedules(workdir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Write ``schedules.png`` into ``out`` (default ``workdir``): each scheduled
+    hyperparameter over the inner steps, one line per group (layer), as tuned at the last
+    saved meta-step (solid) and at the start (dashed); as Maclaurin et al. (2015), Fig. 2.
+    ``None`` if the run has no schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +136,81 @@ def plot_schedules(workdir: str | Path) -> Path | None:
         ax.set_xlabel("inner step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(plt, fig, Path(workdir) / "schedules.png")
+    return _save(plt, fig, Path(workdir if out is None else out) / "schedules.png")
+
+
+def _labels(workdirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
+    """Each run's ``outer``; the directory name where that is missing or not unique."""
+    outers = [c.get("outer") for c in configs]
+    labels = []
+    for w, outer in zip(workdirs, outers, strict=True):
+        if outer is None:
+            labels.append(w.name)
+        elif outers.count(outer) > 1:
+            labels.append(f"{outer} ({w.name})")
+        else:
+            labels.append(str(outer))
+    return labels
+
+
+def plot_compare(workdirs: list[str | Path], out: str | Path) -> list[Path]:
+    """Overlay several runs: ``compare_val_loss.png`` and ``compare_hparams.png`` in ``out``.
+
+    One line per run, labelled by its ``outer`` from ``config.json``: the validation loss
+    per meta-step (log axis when it spans more than a factor of 3), and one panel per
+    hyperparameter (those of the first run; the mean for array-valued ones).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdirs = [Path(w) for w in workdirs]
+    runs = [read_run(w) for w in workdirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = _labels(workdirs, [config for _, config in runs])
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    values = []
+    for (records, _), label in zip(runs, labels, strict=True):
+        v = [r["val_loss"] for r in records]
+        values += v
+        ax.plot([r["meta_step"] for r in records], v, marker=".", label=label)
+    if min(values) > 0 and max(values) > 3 * min(values):
+        ax.set_yscale("log")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, title="hyper-update", title_fontsize=8)
+    paths.append(_save(plt, fig, out / "compare_val_loss.png"))
+
+    names = list(runs[0][0][0]["hparams"])
+    if names:
+        cols = min(len(names), 4)
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), dpi=90,
+                                 squeeze=False)
+        for ax, name in zip(axes.flat, names, strict=False):
+            values = []
+            for (records, _), label in zip(runs, labels, strict=True):
+                steps = [r["meta_step"] for r in records if name in r["hparams"]]
+                v = [_scalar(r["hparams"][name]) for r in records if name in r["hparams"]]
+                values += v
+                ax.plot(steps, v, marker=".", markersize=3, label=label)
+            if values and min(values) > 0 and max(values) > 3 * min(values):
+                ax.set_yscale("log")
+                ax.tick_params(which="minor", labelsize=6)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("meta-step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, which="both")
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        axes[0][0].legend(fontsize=7)
+        paths.append(_save(plt, fig, out / "compare_hparams.png"))
+    return paths
 
 
 def _save(plt, fig, path: Path) -> Path:

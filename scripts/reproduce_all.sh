@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Regenerate the figures shown in README.md (small PNGs under docs/figures/).
-#   bash scripts/reproduce_all.sh          (about 3 minutes on 2 CPU cores)
+#   bash scripts/reproduce_all.sh          (about 10 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=runs/reproduce-$(date +%Y%m%d-%H%M%S)
-hypergrad run seed-cnn --quiet --workdir "$work/seed-cnn"
 mkdir -p docs/figures
-cp "$work/seed-cnn/val_loss.png" docs/figures/seed_cnn_val_loss.png
-cp "$work/seed-cnn/hparams.png" docs/figures/seed_cnn_hparams.png
+# The seed CNN with each hyper-update, then the three overlaid by `hypergrad plot`.
+for outer in gd ncg adam; do
+  hypergrad run seed-cnn --quiet --set outer=$outer --workdir "$work/seed-cnn-$outer"
+done
+cp "$work/seed-cnn-gd/val_loss.png" docs/figures/seed_cnn_val_loss.png
+cp "$work/seed-cnn-gd/hparams.png" docs/figures/seed_cnn_hparams.png
+hypergrad plot "$work"/seed-cnn-{gd,ncg,adam} --out "$work/compare"
+cp "$work/compare/compare_val_loss.png" docs/figures/seed_cnn_compare_val_loss.png
+cp "$work/compare/compare_hparams.png" docs/figures/seed_cnn_compare_hparams.png
 hypergrad run grazzi-hierarchy --workdir "$work/grazzi-hierarchy"
 cp "$work/grazzi-hierarchy/hierarchy.png" docs/figures/grazzi_hierarchy.png
+hypergrad run hoag --workdir "$work/hoag"
+cp "$work/hoag/suboptimality.png" docs/figures/hoag_suboptimality.png
+hypergrad run baydin-hd --workdir "$work/baydin-hd"
+cp "$work/baydin-hd/iterations.png" docs/figures/baydin_hd_iterations.png
+hypergrad run seed-recurrence --workdir "$work/seed-recurrence"
+cp "$work/seed-recurrence/trajectories.png" docs/figures/seed_recurrence.png

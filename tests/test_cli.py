@@ -220,3 +220,45 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "hypergrad: error: steps must be at least 1, got -3"
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_plot_redraws_one_run_and_overlays_several(tmp_path, capsys):
+    runs = []
+    for outer in ("gd", "adam"):
+        workdir = tmp_path / outer
+        assert main(["run", *TINY, "--set", f"outer={outer}", "--workdir", str(workdir),
+                     "--quiet"]) == 0
+        runs.append(str(workdir))
+    capsys.readouterr()
+    out = tmp_path / "figs"
+    assert main(["plot", runs[0], "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"val_loss.png", "hparams.png"}
+    assert main(["plot", *runs, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "compare_val_loss.png" in printed and "compare_hparams.png" in printed
+    for name in ("compare_val_loss.png", "compare_hparams.png"):
+        assert (out / name).stat().st_size > 0
+    from hypergrad.plots import _labels, read_run
+
+    configs = [read_run(r)[1] for r in runs]
+    assert _labels([tmp_path / "gd", tmp_path / "adam"], configs) == ["gd", "adam"]
+
+
+def test_plot_labels_fall_back_to_directory_names(tmp_path):
+    from hypergrad.plots import _labels
+
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    assert _labels(dirs, [{"outer": "gd"}, {"outer": "gd"}, {}]) == ["gd (a)", "gd (b)", "c"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no workdir"),
+    (lambda d: d.mkdir() or (d / "config.json").write_text("{}"), "holds no metrics.jsonl"),
+    (lambda d: d.mkdir() or (d / "metrics.jsonl").write_text(""), "no accepted meta-step"),
+])
+def test_plot_bad_workdir_is_one_line_exit_2(tmp_path, capsys, make, message):
+    workdir = tmp_path / "w"
+    make(workdir)
+    assert main(["plot", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

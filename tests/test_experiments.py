@@ -8,7 +8,8 @@ from hypergrad.cli import main
 def test_list_names_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "seed-cnn" in out and "grazzi-hierarchy" in out
+    for name in ("seed-cnn", "grazzi-hierarchy", "hoag", "baydin-hd", "seed-recurrence"):
+        assert name in out
 
 
 def test_grazzi_hierarchy_tiny(tmp_path, capsys):
@@ -32,3 +33,158 @@ def test_grazzi_hierarchy_tiny(tmp_path, capsys):
 def test_grazzi_hierarchy_cannot_resume(tmp_path, capsys):
     assert main(["run", "grazzi-hierarchy", "--resume", "--workdir", str(tmp_path)]) == 2
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_hoag_tiny(tmp_path, capsys):
+    workdir = tmp_path / "h"
+    assert main(["run", "hoag", "--set", "meta_steps=12", "--set", "data.train_size=300",
+                 "--set", "data.val_size=200", "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    for name in ("hoag", "grid", "random"):
+        r = results[name]
+        assert len(r["seconds"]) == 12 and r["seconds"] == sorted(r["seconds"])
+        # Every incumbent scores no better than the reference optimum.
+        assert min(r["incumbent_val_loss"]) >= results["reference"]["val_loss"] - 1e-12
+    hoag = results["hoag"]
+    assert hoag["tol"][0] > hoag["tol"][-1]  # the tolerance decreases
+    summary = json.loads((workdir / "summary.json").read_text())
+    # HOAG moves from its start (log l2 = log 0.02 = -3.9) to within 0.5 of the optimum;
+    # this grid's spacing (16 / 11) is too coarse to compare with its best point here.
+    assert abs(summary["hoag_log_l2"] - summary["optimal_log_l2"]) < 0.5
+    assert abs(summary["hoag_log_l2"] - results["hoag"]["log_l2"][0]) > 4
+    assert summary["suboptimality"]["hoag"] < results["hoag"]["incumbent_val_loss"][0] - \
+        results["reference"]["val_loss"]
+    assert (workdir / "suboptimality.png").stat().st_size > 0
+
+
+def test_hoag_hypergradient_matches_central_differences():
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from experiments import hoag
+
+    config = hoag.HoagConfig(data_train_size=200, data_val_size=100).validate()
+    task = hoag.build(config).task
+    solve = jax.jit(lambda phi: hoag.inner_solve(task, phi, task.params, 1e-11, 5000)[0])
+    phi = {"l2": jnp.asarray(-5.0)}
+    w = solve(phi)
+    q0 = jnp.zeros_like(ravel_pytree(w)[0])
+    _, grad, _, _, residual = hoag.implicit_hypergrad(task, phi, w, q0, 1e-11, 2000)
+    assert residual <= 1e-11
+
+    def val(x):
+        p = {"l2": jnp.asarray(x)}
+        return task.val_loss(solve(p), task.space.constrain(p), task.val_data)
+
+    eps = 1e-4
+    numeric = (val(-5.0 + eps) - val(-5.0 - eps)) / (2 * eps)
+    assert abs(float(grad["l2"]) - float(numeric)) <= 1e-6 * abs(float(numeric))
+
+
+def test_hoag_bad_values_are_config_errors(tmp_path, capsys):
+    assert main(["run", "hoag", "--set", "tol_decay=1.5", "--workdir", str(tmp_path)]) == 2
+    assert "tol_decay" in capsys.readouterr().err
+    assert main(["run", "hoag", "--set", "l2=10", "--workdir", str(tmp_path)]) == 2
+    assert "log_l2_high" in capsys.readouterr().err
+
+
+def test_baydin_hd_tiny(tmp_path, capsys):
+    workdir = tmp_path / "b"
+    assert main(["run", "baydin-hd", "--set", "steps=100", "--set", "alphas=1e-1,1e-3",
+                 "--set", "betas=1e-3,1e-1", "--set", "models=logreg",
+                 "--set", "target_logreg=1.0", "--set", "dtype=float64",
+                 "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["runs"]) == {"logreg/sgd", "logreg/sgdn", "logreg/adam"}
+    sgd = results["runs"]["logreg/sgd"]
+    assert len(sgd["iterations_hd"]) == 2 and len(sgd["iterations_hd"][0]) == 2
+    # At alpha_0 = 1e-3 plain SGD does not reach the loss in 100 steps; with beta = 0.1
+    # hypergradient descent raises the learning rate until it does.
+    assert sgd["iterations_plain"][1] is None
+    assert sgd["iterations_hd"][1][1] is not None
+    assert sgd["final_lr_hd"][1][1] > 1e-2
+    assert (workdir / "iterations.png").stat().st_size > 0
+
+
+def test_baydin_hd_beta_zero_is_the_plain_optimizer():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from experiments import baydin_hd
+
+    config = baydin_hd.BaydinConfig(steps=20, eval_every=5, data_train_size=200,
+                                     dtype="float64").validate()
+    task = baydin_hd.build(config, "logreg").task
+    run = baydin_hd.make_grid_run(task, "sgd", 20, 5, 0.9)
+    key = jax.random.key(0)
+    losses, lrs = run(jnp.asarray([0.1]), jnp.asarray([0.0]), key)
+    # The same 20 minibatches by plain optax SGD.
+    idx = baydin_hd.batch_indices(key, task.num_examples, task.batch_size, 20)
+    params, opt = task.params, optax.sgd(0.1)
+    state = opt.init(params)
+    for i in idx:
+        batch = jax.tree.map(lambda a, i=i: a[i], task.train_data)
+        updates, state = opt.update(jax.grad(task.train_loss)(params, {}, batch), state)
+        params = optax.apply_updates(params, updates)
+    expected = task.train_loss(params, {}, task.train_data)
+    np.testing.assert_allclose(losses[0, -1], expected, rtol=1e-10)
+    np.testing.assert_allclose(lrs[0], 0.1)
+
+
+def test_iterations_to_marks_divergence_and_misses_as_not_reached():
+    import numpy as np
+
+    from experiments.baydin_hd import iterations_to
+
+    losses = np.array([[2.0, 0.9, 0.4], [2.0, np.nan, 0.1], [2.0, 1.5, 1.2]])
+    assert iterations_to(losses, 0.5, 10) == [20, 20, None]
+    losses = np.array([[2.0, np.inf, np.nan]])
+    assert iterations_to(losses, 0.5, 10) == [None]
+
+
+SEED_TINY = ["--set", "steps=3", "--set", "meta_steps=4", "--set", "batch_size=20",
+             "--set", "channels=4,4,4", "--set", "data.train_size=200",
+             "--set", "data.val_size=100", "--set", "dtype=float64", "--quiet"]
+
+
+def test_seed_recurrence_tiny_follows_the_formula(tmp_path, capsys):
+    import math
+
+    workdir = tmp_path / "r"
+    assert main(["run", "seed-recurrence", *SEED_TINY, "--workdir", str(workdir)]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    rec, gd = results["recurrence"], results["gd"]
+    assert rec["stopped"] is None and len(rec["slope"]) == 5
+    # a_t = a_{t-1} + a_{t-2} (exp(b_t) - b_{t-1}) with a_{-1} = b_{-1} = 0, where b_t is
+    # the hypergradient recorded at meta-step t (taken at a_t, applied to reach a_{t+1}).
+    a, b = [0.0, *rec["slope"]], [0.0, *rec["hypergrad"]]
+    for t in range(1, len(a) - 1):
+        assert math.isclose(a[t + 1], a[t] + a[t - 1] * (math.exp(b[t]) - b[t - 1]),
+                            rel_tol=1e-12)
+    # Gradient descent: a_{t+1} = a_t - outer_lr * b_t with outer_lr = 1.
+    for t in range(len(gd["slope"]) - 1):
+        assert math.isclose(gd["slope"][t + 1], gd["slope"][t] - gd["hypergrad"][t],
+                            rel_tol=1e-12)
+    assert (workdir / "trajectories.png").stat().st_size > 0
+
+
+def test_seed_recurrence_stops_before_a_bad_slope_reaches_the_run():
+    import jax
+
+    import hypergrad as hg
+    from experiments import seed_recurrence as sr
+
+    tiny = dict(steps=3, meta_steps=4, batch_size=20, channels="4,4,4", data_train_size=200,
+                data_val_size=100, dtype="float64")
+    opt, key = hg.outer.fibonacci_recurrence(), jax.random.key(0)
+    config = sr.SeedRecurrenceConfig(**tiny, max_slope=0.015).validate()
+    out = sr.trajectory(sr.build(config).task, opt, config, key)
+    assert "beyond max_slope" in out["stopped"]
+    assert out["slope"] == [0.01, 0.01]  # a_2 = 0.02 was refused
+    config = sr.SeedRecurrenceConfig(**tiny, learning_rate=1e9).validate()
+    out = sr.trajectory(sr.build(config).task, opt, config, key)
+    assert "non-finite" in out["stopped"]
+    assert out["slope"] == [0.01] and out["val_loss"] == [None]  # never updated

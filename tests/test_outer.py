@@ -259,3 +259,33 @@ def test_jitted_step_does_not_retrace():
     phi, state = step(phi, state)
     phi, state = step(phi, state)
     assert traces == 1
+
+
+def test_fibonacci_recurrence_grows_like_fibonacci_with_zero_hypergradients():
+    opt = outer.fibonacci_recurrence()
+    phi = {"a": jnp.asarray(0.01)}
+    state = opt.init(phi)
+    values = []
+    step = jax.jit(opt.update)
+    for _ in range(10):
+        updates, state = step({"a": jnp.asarray(0.0)}, state, phi)
+        phi = optax.apply_updates(phi, updates)
+        values.append(float(phi["a"]))
+    fib = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]  # F_{t+1} for t = 1 ... 10, after a_0 = F_1
+    np.testing.assert_allclose(values, [0.01 * f for f in fib], rtol=1e-12)
+
+
+def test_fibonacci_recurrence_follows_the_formula():
+    opt = outer.fibonacci_recurrence()
+    a0, betas = 0.3, [0.2, -0.5, 1.1]
+    phi = jnp.asarray(a0)
+    state = opt.init(phi)
+    history = [0.0, a0]  # a_{-1}, a_0
+    prev_beta = 0.0
+    for beta in betas:
+        updates, state = opt.update(jnp.asarray(beta), state, phi, value=1.0, grad=beta,
+                                    value_fn=None)
+        phi = optax.apply_updates(phi, updates)
+        history.append(history[-1] + history[-2] * (np.exp(beta) - prev_beta))
+        prev_beta = beta
+        np.testing.assert_allclose(float(phi), history[-1], rtol=1e-12)
