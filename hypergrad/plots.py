@@ -7,6 +7,7 @@ workdirs it overlays them (:func:`plot_compare`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ def _labels(workdirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def plot_compare(workdirs: list[str | Path], out: str | Path) -> list[Path]:
+def plot_compare(workdirs: Sequence[str | Path], out: str | Path) -> list[Path]:
     """Overlay several runs: ``compare_val_loss.png`` and ``compare_hparams.png`` in ``out``.
 
     One line per run, labelled by its ``outer`` from ``config.json``: the validation loss
@@ -165,11 +166,11 @@ def plot_compare(workdirs: list[str | Path], out: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdirs = [Path(w) for w in workdirs]
-    runs = [read_run(w) for w in workdirs]
+    dirs = [Path(w) for w in workdirs]
+    runs = [read_run(w) for w in dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = _labels(workdirs, [config for _, config in runs])
+    labels = _labels(dirs, [config for _, config in runs])
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
