@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the figures shown in README.md (small PNGs under docs/figures/).
-#   bash scripts/reproduce_all.sh          (about 10 minutes on 2 CPU cores)
+#   bash scripts/reproduce_all.sh          (about 12 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=runs/reproduce-$(date +%Y%m%d-%H%M%S)
@@ -14,6 +14,11 @@ cp "$work/seed-cnn-gd/hparams.png" docs/figures/seed_cnn_hparams.png
 hypergrad plot "$work"/seed-cnn-{gd,ncg,adam} --out "$work/compare"
 cp "$work/compare/compare_val_loss.png" docs/figures/seed_cnn_compare_val_loss.png
 cp "$work/compare/compare_hparams.png" docs/figures/seed_cnn_compare_hparams.png
+# Per-layer x per-step learning rates and per-weight decays (Maclaurin et al. 2015, Fig. 2).
+hypergrad run seed-cnn --quiet --set outer=adam --set hparams.learning_rate.per=layer \
+  --set hparams.learning_rate.schedule=per_step --set hparams.weight_decay.per=parameter \
+  --workdir "$work/seed-cnn-schedules"
+cp "$work/seed-cnn-schedules/schedules.png" docs/figures/seed_cnn_schedules.png
 hypergrad run grazzi-hierarchy --workdir "$work/grazzi-hierarchy"
 cp "$work/grazzi-hierarchy/hierarchy.png" docs/figures/grazzi_hierarchy.png
 hypergrad run hoag --workdir "$work/hoag"
