@@ -118,8 +118,8 @@ def problem_c(quick: bool) -> Problem:
 
 PROBLEMS = {
     "a": ("seed CNN, 4 scalar hyperparameters", problem_a),
-    "b": ("seed CNN, per-layer learning rate and weight decay (+ momentum, slope)", problem_b),
-    "c": ("logistic regression on digits, 64 per-feature L2 penalties", problem_c),
+    "b": ("seed CNN, per-layer lr and wd + momentum, slope (10)", problem_b),
+    "c": ("logistic regression, 64 per-feature L2 penalties", problem_c),
 }
 
 
@@ -256,6 +256,7 @@ def figure(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     names = [n for n in PROBLEMS if n in report]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), dpi=90,
@@ -267,9 +268,12 @@ def figure(report: dict[str, Any], path: str) -> None:
                     linestyle="-" if method.startswith("hypergrad") else "--")
         ax.axhline(report[name]["tpe_best_val_loss"], color="grey", lw=0.6, ls=":")
         ax.set_xscale("log")
-        ax.set(title=f"({name}) {report[name]['description']}", xlabel="wall time (s)",
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"({name}) {report[name]['description']}", fontsize=7)
+        ax.set(xlabel="wall time (s), compilation included",
                ylabel="best validation loss so far")
-        ax.title.set_fontsize(7)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -289,7 +293,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="configurations per vmapped evaluation in random and grid search")
     ap.add_argument("--json", help="write the traces and summary here")
     ap.add_argument("--figure", help="write the figure (PNG) here")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="run nothing: print the table and draw --figure from a saved --json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            report = json.load(fh)
+        print(table(report))
+        if args.figure:
+            figure(report, args.figure)
+        return report
     budget = 2.0 if args.quick and "--budget" not in (argv or sys.argv) else args.budget
     if not budget > 0:
         ap.error(f"--budget must be positive, got {budget:g}")
