@@ -207,6 +207,8 @@ def grid_search(
         axes = {n: [low[n] + (high[n] - low[n]) * (i + 0.5) / points for i in range(points)]
                 for n in space.names}
     else:
+        if not values:
+            raise ValueError("the grid is empty: give values for at least one hyperparameter")
         unknown = sorted(set(values) - set(space.names))
         if unknown:
             raise KeyError(f"grid values for unknown hyperparameter(s) {unknown}; this space "

@@ -157,6 +157,7 @@ def test_box_defaults_and_bounds():
 
 @pytest.mark.parametrize("call, match", [
     (lambda t: search.grid_search(t, KEY, {"learning_rate": []}), "grid of learning_rate is empty"),
+    (lambda t: search.grid_search(t, KEY, {}), "the grid is empty"),
     (lambda t: search.grid_search(t, KEY, {"momentum": [0.5]}), "unknown hyperparameter"),
     (lambda t: search.grid_search(t, KEY, {"learning_rate": [-1.0]}), "must be > 0"),
     (lambda t: search.grid_search(t, KEY, points=0), "points must be a positive integer"),
