@@ -104,14 +104,22 @@ def box(space: HyperSpace, bounds: Mapping[str, tuple[Any, Any]] | None = None,
             lo, hi = bounds[name]
             c.check(lo, f"the lower bound of {name}")
             c.check(hi, f"the upper bound of {name}")
-            lo = c.to_phi(jnp.broadcast_to(jnp.asarray(lo, phi0[name].dtype), phi0[name].shape))
-            hi = c.to_phi(jnp.broadcast_to(jnp.asarray(hi, phi0[name].dtype), phi0[name].shape))
-            if not bool(jnp.all(lo < hi)):
+            lo, hi = _like(c, lo, phi0[name]), _like(c, hi, phi0[name])
+            if not all(bool(jnp.all(a < b)) for a, b in zip(jax.tree.leaves(lo),
+                                                            jax.tree.leaves(hi), strict=True)):
                 raise ValueError(f"bounds of {name} need low < high, got {bounds[name]}")
         else:
-            lo, hi = phi0[name] - _WIDTH[c.kind], phi0[name] + _WIDTH[c.kind]
+            width = _WIDTH[c.kind]
+            lo = jax.tree.map(lambda p, w=width: p - w, phi0[name])
+            hi = jax.tree.map(lambda p, w=width: p + w, phi0[name])
         low[name], high[name] = lo, hi
     return low, high
+
+
+def _like(c: Any, value: Any, phi: PyTree) -> PyTree:
+    """``phi`` coordinates of the natural ``value``, broadcast to every leaf of ``phi``."""
+    return jax.tree.map(
+        lambda p: c.to_phi(jnp.broadcast_to(jnp.asarray(value, p.dtype), p.shape)), phi)
 
 
 def make_evaluate(task: Task, key: jax.Array, *, checkpoint: Any = None
@@ -221,8 +229,7 @@ def grid_search(
             c = space.constraints[name]
             for v in vals:
                 c.check(v, f"grid value of {name}")
-            axes[name] = [c.to_phi(jnp.broadcast_to(jnp.asarray(v, phi0[name].dtype),
-                                                    phi0[name].shape)) for v in vals]
+            axes[name] = [_like(c, v, phi0[name]) for v in vals]
     names = list(axes)
 
     def configs():
@@ -265,10 +272,11 @@ def random_search(
 
     @jax.jit
     def draw(k):
-        keys = dict(zip(low, jax.random.split(k, len(low)), strict=True))
-        return {name: jax.random.uniform(keys[name], (batch_size, *low[name].shape),
-                                         low[name].dtype, low[name], high[name])
-                for name in low}
+        lows, treedef = jax.tree.flatten(low)
+        keys = jax.random.split(k, len(lows))
+        draws = [jax.random.uniform(kk, (batch_size, *lo.shape), lo.dtype, lo, hi)
+                 for kk, lo, hi in zip(keys, lows, jax.tree.leaves(high), strict=True)]
+        return jax.tree.unflatten(treedef, draws)
 
     def batches():
         nonlocal draw_key
@@ -292,6 +300,12 @@ def _optuna():
     return optuna
 
 
+def _label(path: tuple) -> str:
+    """``name``, or ``name/part/...`` for a leaf inside a hyperparameter's tree."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
 def tpe_search(
     task: Task, key: jax.Array, num_trials: int | None = None, *, seed: int = 0,
     bounds: Mapping[str, tuple[Any, Any]] | None = None, batch_size: int = 1,
@@ -301,7 +315,8 @@ def tpe_search(
     """Optuna's Tree-structured Parzen Estimator over :func:`box`, one parameter per entry.
 
     Each entry of each hyperparameter is one Optuna float parameter (``name`` for a
-    scalar, ``name[i]`` for entry ``i`` of an array), uniform in ``phi`` over the box.
+    scalar, ``name[i]`` for entry ``i`` of an array, ``name/path[i]`` inside a tree),
+    uniform in ``phi`` over the box.
     TPE asks ``batch_size`` configurations at a time (1 = fully sequential, the usual
     TPE), scores them in one ``vmap``-ed evaluation and tells Optuna the losses; a
     non-finite loss is told as a failed trial. Needs the ``[bench]`` extra (optuna).
@@ -319,25 +334,27 @@ def tpe_search(
     _check_limits(num_trials, budget, "num_trials")
     _check_batch(batch_size)
     low, high = box(task.space, bounds, dtype)
-    low = jax.device_get(low)
-    high = jax.device_get(high)
-    entries = []  # (optuna name, hyperparameter, flat index)
-    for name in low:
-        size = int(np.size(low[name]))
-        for i in range(size):
-            entries.append((name if np.ndim(low[name]) == 0 else f"{name}[{i}]", name, i))
+    # One Optuna parameter per entry of every leaf: (label, leaf index, flat index).
+    flat_low, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(low))
+    flat_high = jax.tree.leaves(jax.device_get(high))
+    entries = []
+    for j, (path, leaf) in enumerate(flat_low):
+        label = _label(path)
+        for i in range(leaf.size):
+            entries.append((label if leaf.ndim == 0 else f"{label}[{i}]", j, i))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
     study = optuna.create_study(sampler=sampler, direction="minimize")
     dists = {label: optuna.distributions.FloatDistribution(
-        float(np.ravel(low[name])[i]), float(np.ravel(high[name])[i]))
-        for label, name, i in entries}
+        float(np.ravel(flat_low[j][1])[i]), float(np.ravel(flat_high[j])[i]))
+        for label, j, i in entries}
 
     def to_phi(params):
-        flat = {name: np.array(np.ravel(low[name]), copy=True) for name in low}
-        for label, name, i in entries:
-            flat[name][i] = params[label]
-        return {name: flat[name].reshape(np.shape(low[name])) for name in low}
+        flat = [np.array(np.ravel(leaf), copy=True) for _, leaf in flat_low]
+        for label, j, i in entries:
+            flat[j][i] = params[label]
+        return jax.tree.unflatten(
+            treedef, [f.reshape(leaf.shape) for f, (_, leaf) in zip(flat, flat_low, strict=True)])
 
     def batches():
         done = 0
