@@ -80,7 +80,9 @@ def per_layer(opt: hg.inner.InnerOptimizer, params: Any,
         return jax.tree.unflatten(treedef, [v[i] for i in index])
 
     def update(grads, state, params, hparams):
-        hparams = {**hparams, **{n: expand(hparams[n]) for n in names if n in hparams}}
+        # Read every key explicitly (not `{**hparams}`): a Task that records which
+        # hyperparameters are read sees the ones `opt` reads from the copy.
+        hparams = {k: expand(hparams[k]) if k in names else hparams[k] for k in hparams}
         return opt.update(grads, state, params, hparams)
 
     return opt._replace(update=update, name=f"per-layer {opt.name}"), layers
