@@ -1,6 +1,6 @@
 """hypergrad: gradient-based hyperparameter optimization in JAX."""
 
-from hypergrad import data, estimators, hparams, inner, models, online, outer, unroll
+from hypergrad import data, estimators, hparams, inner, models, online, outer, search, unroll
 from hypergrad.check import check_hypergrad, directional_errors
 from hypergrad.hparams import Constraint, HyperSpace, bounded, positive, real, unit
 from hypergrad.task import Task
@@ -21,6 +21,7 @@ __all__ = [
     "outer",
     "positive",
     "real",
+    "search",
     "unit",
     "unroll",
 ]
