@@ -62,32 +62,6 @@ HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam")
 # Problems
 
 
-def per_layer(opt: hg.inner.InnerOptimizer, params: Any,
-              names: tuple[str, ...] = ("learning_rate", "weight_decay")
-              ) -> tuple[hg.inner.InnerOptimizer, list[str]]:
-    """``opt`` reading each of ``names`` as a vector with one entry per layer.
-
-    A layer is the parent of a leaf in ``params`` (a kernel and its bias share one). The
-    vector is expanded to a pytree shaped like ``params``, which ``hypergrad.inner.sgd``
-    uses leaf by leaf. Returns the wrapped optimizer and the layers' names, in order.
-    """
-    paths = [jax.tree_util.keystr(p[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    layers = list(dict.fromkeys(paths))
-    index = [layers.index(p) for p in paths]
-    treedef = jax.tree.structure(params)
-
-    def expand(v):
-        return jax.tree.unflatten(treedef, [v[i] for i in index])
-
-    def update(grads, state, params, hparams):
-        # Read every key explicitly (not `{**hparams}`): a Task that records which
-        # hyperparameters are read sees the ones `opt` reads from the copy.
-        hparams = {k: expand(hparams[k]) if k in names else hparams[k] for k in hparams}
-        return opt.update(grads, state, params, hparams)
-
-    return opt._replace(update=update, name=f"per-layer {opt.name}"), layers
-
-
 def problem_a(quick: bool) -> Problem:
     from experiments.seed_cnn import SeedCnnConfig, build
 
@@ -98,18 +72,12 @@ def problem_a(quick: bool) -> Problem:
 def problem_b(quick: bool) -> Problem:
     from experiments.seed_cnn import SeedCnnConfig, build
 
-    cfg = SeedCnnConfig(steps=10, channels="4,4,4") if quick else SeedCnnConfig()
-    problem = build(cfg)
-    task = problem.task
-    opt, layers = per_layer(hg.inner.sgd(), task.params)
-    n = len(layers)
-    space = hg.HyperSpace({
-        "learning_rate": hg.positive(np.full(n, cfg.learning_rate, np.float32)),
-        "momentum": hg.unit(cfg.momentum),
-        "weight_decay": hg.positive(np.full(n, cfg.weight_decay, np.float32)),
-        "leaky_slope": hg.bounded(cfg.leaky_slope, 0.0, 1.0),
-    })
-    return problem._replace(task=task.replace(space=space, optimizer=opt))
+    # One learning rate and one weight decay per layer (convs/0..2 and head), declared in
+    # the space: `--set hparams.learning_rate.per=layer` on the command line.
+    per_layer = (("learning_rate", "per", "layer"), ("weight_decay", "per", "layer"))
+    cfg = (SeedCnnConfig(steps=10, channels="4,4,4", hparam_options=per_layer) if quick
+           else SeedCnnConfig(hparam_options=per_layer))
+    return build(cfg)
 
 
 def problem_c(quick: bool) -> Problem:

@@ -4,12 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import hypergrad as hg
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_hpo.py"
 
@@ -22,19 +18,12 @@ def bench():
     return module
 
 
-def test_per_layer_reads_one_value_per_layer(bench):
-    params = {"a": {"bias": jnp.ones(2), "kernel": jnp.ones((3, 2))},
-              "b": {"bias": jnp.ones(4), "kernel": jnp.ones((2, 4))}}
-    grads = jax.tree.map(lambda w: 0.5 * w, params)
-    opt, layers = bench.per_layer(hg.inner.sgd(momentum=0.0), params)
-    assert layers == ["['a']", "['b']"]
-    hparams = {"learning_rate": jnp.array([0.1, 0.2]), "weight_decay": jnp.array([0.0, 1.0])}
-    updates, _ = opt.update(grads, opt.init(params), params, hparams)
-    # -lr * (g + wd * w) with g = 0.5 w = 0.5: layer a -0.1 * 0.5, layer b -0.2 * 1.5.
-    for leaf in jax.tree.leaves(updates["a"]):
-        np.testing.assert_allclose(leaf, -0.05, rtol=1e-15)
-    for leaf in jax.tree.leaves(updates["b"]):
-        np.testing.assert_allclose(leaf, -0.3, rtol=1e-15)
+def test_problem_b_has_one_learning_rate_and_weight_decay_per_layer(bench):
+    task = bench.problem_b(quick=True).task
+    for name in ("learning_rate", "weight_decay"):
+        layout = task.space.constraints[name].layout
+        assert layout.groups == ("convs/0", "convs/1", "convs/2", "head")
+    assert task.space.init()["learning_rate"].shape == (4,)
 
 
 def test_quick_run_of_problem_c(bench, tmp_path):
