@@ -68,7 +68,7 @@ class Config:
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
         ``phi + population_spread * N(0, 1)`` (unconstrained coordinates, one draw per
-        element, from ``fold_in(key(seed), m)``).
+        element in ``dtype``, from ``fold_in(key(seed), m)``).
       population_seeds: give member m the key ``key(seed + m)`` (minibatch order, and
         initial weights where the task draws them); otherwise every member uses ``seed``.
       devices: shard the population across this many devices (a divisor of

@@ -4,10 +4,10 @@
 a leading population axis of ``phi``, the hyper-update's state, the key and the step
 scale: one compiled program trains and updates every member. Member 0 starts at the
 configured hyperparameters; member ``m > 0`` at ``phi + population_spread * z_m`` with
-``z_m ~ N(0, 1)`` drawn elementwise from ``fold_in(key(seed), m)`` in the unconstrained
-coordinates (log for positive, logit for unit interval), so a member's start does not
-depend on ``P``. With ``population_seeds=true`` member ``m`` uses the key ``key(seed +
-m)``; otherwise all use ``key(seed)``.
+``z_m ~ N(0, 1)`` drawn elementwise, in the run's dtype, from ``fold_in(key(seed), m)`` in
+the unconstrained coordinates (log for positive, logit for unit interval), so a member's
+start does not depend on ``P``. With ``population_seeds=true`` member ``m`` uses the key
+``key(seed + m)``; otherwise all use ``key(seed)``.
 
 With several devices the population axis is sharded across a one-axis ``Mesh`` named
 ``"population"`` (:data:`AXIS`); the task (weights, data) is replicated. The same code
