@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (several hosts): its "
+                        "arguments come from the cluster (Slurm, Open MPI, TPU) or the "
+                        "three options below; run the same command on every host")
+    r.add_argument("--coordinator", help="with --distributed: host:port of process 0")
+    r.add_argument("--num-processes", type=int, help="with --distributed: process count")
+    r.add_argument("--process-id", type=int, help="with --distributed: this process's id")
     c = sub.add_parser("check", help="compare the estimator with finite differences")
     common(c)
     c.add_argument("--directions", type=int, default=None,
@@ -89,6 +96,10 @@ def _list(args) -> int:
 def _run(args) -> int:
     from hypergrad.run import Interrupted, RunError, resume_config, run
 
+    if args.distributed:
+        _initialize_distributed(args)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise ConfigError("--coordinator, --num-processes and --process-id need --distributed")
     if args.resume:
         if not args.workdir:
             raise ConfigError("--resume needs the --workdir of the run to continue")
@@ -109,6 +120,20 @@ def _run(args) -> int:
         return 128 + e.signum
     print(f"wrote {workdir}")
     return 0
+
+
+def _initialize_distributed(args) -> None:
+    """``jax.distributed.initialize`` with the command line's arguments, once a process."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    except (ValueError, TypeError) as e:  # missing or inconsistent arguments
+        raise ConfigError(f"--distributed: {e}") from None
 
 
 def _check(args) -> int:

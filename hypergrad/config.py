@@ -64,6 +64,16 @@ class Config:
         hyperparameters are updated every ``window`` steps by the hypergradient through
         the next ``window`` steps, continuing from the current weights (``meta_steps`` and
         ``estimator`` are not used).
+      population: tune this many hyperparameter initializations at once, as one vmapped
+        meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
+      population_spread: member 0 starts at the configured values, member m > 0 at
+        ``phi + population_spread * N(0, 1)`` (unconstrained coordinates, one draw per
+        element in ``dtype``, from ``fold_in(key(seed), m)``).
+      population_seeds: give member m the key ``key(seed + m)`` (minibatch order, and
+        initial weights where the task draws them); otherwise every member uses ``seed``.
+      devices: shard the population across this many devices (a divisor of
+        ``population``); 0 takes the largest divisor of ``population`` that is at most
+        ``len(jax.devices())``.
       hparam_options: ``(name, option, value)`` triples set as ``hparams.NAME.per=layer``
         (``global``, ``layer``, ``tensor``, ``parameter``) and ``hparams.NAME.schedule=
         per_step`` (``constant``, ``per_step``, ``windows:K``, ``linear``,
@@ -93,6 +103,10 @@ class Config:
     tol: float = 1e-6
     solver_step: float | None = None
     online: bool = False
+    population: int = 1
+    population_spread: float = 0.5
+    population_seeds: bool = False
+    devices: int = 0
     hparam_options: tuple[tuple[str, str, str], ...] = ()
 
     def space(self) -> HyperSpace:
@@ -158,6 +172,16 @@ class Config:
                               f"{self.outer_lr:g}")
         if not self.clip >= 0:
             raise ConfigError(f"clip must be >= 0 (0 turns it off), got {self.clip:g}")
+        _at_least(self, "population", 1)
+        _at_least(self, "devices", 0)
+        if not self.population_spread >= 0:
+            raise ConfigError(f"population_spread must be >= 0, got {self.population_spread:g}")
+        if self.population > 1 and self.outer == "ncg":
+            raise ConfigError("population > 1 supports outer=gd or adam, not ncg (its line "
+                              "search stops and restarts each member on its own schedule)")
+        if self.population > 1 and self.online:
+            raise ConfigError("population > 1 does not support online=true; tune one "
+                              "population member online, or set online=false")
         try:
             self.hyperspace()
         except ValueError as e:  # ConfigError included

@@ -52,13 +52,54 @@ def _scalar(v: Any) -> float:
     return v if isinstance(v, float) else v["mean"]
 
 
+def _members(workdir: Path, records: list[dict[str, Any]]):
+    """A population run's members as ``{member: (meta_steps, val_losses, hparams)}`` over
+    their accepted meta-steps, and the best member (``summary.json``'s, else the lowest
+    last validation loss); ``({}, None)`` for a single run."""
+    series: dict[int, tuple[list, list, list]] = {}
+    for r in records:
+        for e in r.get("members", []):
+            if "val_loss" in e:
+                steps, vals, hps = series.setdefault(e["member"], ([], [], []))
+                steps.append(r["meta_step"])
+                vals.append(e["val_loss"])
+                hps.append(e["hparams"])
+    if not series:
+        return {}, None
+    summary = workdir / "summary.json"
+    best = json.loads(summary.read_text()).get("best_member") if summary.exists() else None
+    if best not in series:
+        best = min(series, key=lambda m: series[m][1][-1])
+    return series, best
+
+
+def _draw(ax, steps, values, series, best, pick, legend=False) -> list[float]:
+    """One line (a single run), or every member faintly and the best member boldly;
+    returns every value drawn."""
+    if not series:
+        ax.plot(steps, values, marker=".")
+        return values
+    drawn = []
+    for m, (s, vals, hps) in series.items():
+        ys = [pick(v, h) for v, h in zip(vals, hps, strict=True)]
+        drawn += ys
+        if m == best:
+            ax.plot(s, ys, color="C0", lw=2.0, marker=".", zorder=3, label=f"best (member {m})")
+        else:
+            ax.plot(s, ys, color="C0", lw=0.8, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+    return drawn
+
+
 def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write ``val_loss.png`` and ``hparams.png`` into ``out`` (default ``workdir``);
     return their paths.
 
     ``val_loss.png``: validation loss per meta-step. ``hparams.png``: one panel per
     hyperparameter with its trajectory (the mean, for array-valued ones), on a log axis
-    where the values are positive and span more than a factor of 3.
+    where the values are positive and span more than a factor of 3. For a population
+    every member is drawn faintly and the best member boldly.
     """
     import matplotlib
 
@@ -70,10 +111,12 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     records = _records(workdir)
     steps = [r["meta_step"] for r in records]
+    series, best = _members(workdir, records)
     paths = []
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-    ax.plot(steps, [r["val_loss"] for r in records], marker=".")
+    _draw(ax, steps, [r["val_loss"] for r in records], series, best, lambda v, h: v,
+          legend=True)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
@@ -84,8 +127,8 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), dpi=100,
                                  squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
-            values = [_scalar(r["hparams"][name]) for r in records]
-            ax.plot(steps, values, marker=".")
+            values = _draw(ax, steps, [_scalar(r["hparams"][name]) for r in records],
+                           series, best, lambda v, h, n=name: _scalar(h[n]))
             if min(values) > 0 and max(values) > 3 * min(values):
                 ax.set_yscale("log")
             ax.set_title(name, fontsize=10)

@@ -396,7 +396,15 @@ def run(
     workdir = Path(workdir)
     began = time.perf_counter()
     if experiment.main is not None:
+        if config.population > 1:
+            raise ConfigError(f"{experiment.name} runs its own main, not the tuning loop; "
+                              "it cannot run a population (set population=1)")
         return _run_main(experiment, config, workdir, progress, resume, out, began)
+    if config.population > 1:  # P members as one vmapped meta-step: hypergrad.population
+        from hypergrad import population
+
+        return population.run(experiment, config, workdir, progress=progress, out=out,
+                              max_rejections=max_rejections, resume=resume, began=began)
     problem = build(experiment, config)
     if not resume:
         prepare_workdir(workdir)

@@ -1,0 +1,123 @@
+"""Population tests on four forced CPU devices; run by tests/test_population.py in a
+subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be
+set before JAX starts, so these cannot share a process with the other tests)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from hypergrad import population as pop
+from hypergrad.config import ConfigError, override
+from hypergrad.run import build, estimator_for, get_experiment, make_meta_step, outer_for, run
+from tests.test_run import QUAD, QuadConfig
+
+TINY = ["steps=4", "batch_size=20", "channels=4,4,4", "dtype=float64", "outer=adam"]
+P = 4
+
+
+def test_four_devices_are_visible():
+    assert len(jax.devices()) == 4, jax.devices()
+
+
+def test_device_count_divides_the_population():
+    assert pop.device_count(8) == 4
+    assert pop.device_count(6) == 3  # the largest divisor that fits
+    assert pop.device_count(3, devices=3) == 3
+    with pytest.raises(ConfigError, match="not divisible by devices=4"):
+        pop.device_count(6, devices=4)
+    with pytest.raises(ConfigError, match="devices=5 but JAX sees 4"):
+        pop.device_count(10, devices=5)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _counting(task):
+    traces, base = [], task.train_loss
+
+    def loss(p, hparams, batch):
+        traces.append(1)
+        return base(p, hparams, batch)
+
+    return task.replace(train_loss=loss), traces
+
+
+def test_population_equals_separate_runs_sharded_or_not_and_compiles_once():
+    experiment = get_experiment("seed-cnn")
+    config = override(experiment.config, TINY)
+    task, traces = _counting(build(experiment, config).task)
+    est, opt = estimator_for(config), outer_for(config)
+    phi = pop.member_phis(task.space.init(jnp.float64), P, 0.5, config.seed)
+    keys = pop.member_keys(config.seed, P, True)
+    state = jax.vmap(opt.init)(phi)
+    scale = jnp.ones(P)
+
+    # Reference: P separate meta-step sequences, one member at a time.
+    single = make_meta_step(est, opt)
+    separate = []
+    for m in range(P):
+        p, s = pop.member(phi, m), pop.member(state, m)
+        vals = []
+        for _ in range(2):
+            p, s, metrics = single(task, p, s, jax.random.wrap_key_data(keys[m]), scale[m])
+            vals.append(metrics["val_loss"])
+        separate.append((p, s, vals))
+
+    mesh = pop.make_mesh(4)
+    for where in (None, mesh):
+        step = pop.make_population_step(est, opt, where)
+        t = pop.put(task, where, PartitionSpec())
+        k, sc, p, s = (pop.put(x, where, PartitionSpec(pop.AXIS))
+                       for x in (keys, scale, phi, state))
+        vals = []
+        for i in range(2):
+            p, s, metrics = step(t, p, s, k, sc)
+            vals.append(metrics["val_loss"])
+            if i == 0:
+                n = len(traces)
+        assert n > 0 and len(traces) == n, "the population step compiled twice"
+        if where is not None:
+            assert p["learning_rate"].sharding.spec == PartitionSpec(pop.AXIS)
+            assert len(p["learning_rate"].sharding.device_set) == 4
+        for m, (p_ref, s_ref, vals_ref) in enumerate(separate):
+            for got, want in zip(_leaves(pop.member(p, m)), _leaves(p_ref), strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+            for got, want in zip(_leaves(pop.member(s, m)), _leaves(s_ref), strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose([v[m] for v in vals], vals_ref, rtol=1e-12)
+        # The members started apart and stayed apart: the comparison is not trivial.
+        assert len({float(v) for v in np.asarray(vals[-1])}) == P
+
+
+def records(workdir):
+    out = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds")
+        out.append(r)
+    return out
+
+
+def test_sharded_run_equals_unsharded_run(tmp_path):
+    config = QuadConfig(population=P, population_spread=0.5, outer="gd", outer_lr=0.5,
+                        dtype="float64")
+    sharded = run(QUAD, config, tmp_path / "sharded", progress=False)
+    single = run(QUAD, dataclasses.replace(config, devices=1), tmp_path / "single",
+                 progress=False)
+    assert sharded["devices"] == 4 and single["devices"] == 1
+    a, b = records(tmp_path / "sharded"), records(tmp_path / "single")
+    assert len(a) == len(b) == config.meta_steps
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["best_member"] == rb["best_member"]
+        for ma, mb in zip(ra["members"], rb["members"], strict=True):
+            np.testing.assert_allclose(ma["val_loss"], mb["val_loss"], rtol=1e-12)
+            np.testing.assert_allclose(ma["hparams"]["learning_rate"],
+                                       mb["hparams"]["learning_rate"], rtol=1e-12)
+    for ma, mb in zip(sharded["members"], single["members"], strict=True):
+        np.testing.assert_allclose(ma["final_val_loss"], mb["final_val_loss"], rtol=1e-12)
