@@ -1,6 +1,6 @@
 """hyper-cleaning: learn one weight per training example to down-weight corrupted labels.
 
-Run:  hypergrad run hyper-cleaning        (about 1 min on 2 CPU cores)
+Run:  hypergrad run hyper-cleaning        (about 40 s on 2 CPU cores)
 
 Mirrors the data hyper-cleaning experiment of Franceschi et al. (2017), "Forward and
 Reverse Gradient-Based Hyperparameter Optimization", §5.1, and Shaban et al. (2019),
@@ -25,7 +25,22 @@ weights equal (no cleaning) and the oracle (only the clean examples).
 
 Writes ``results.json``, ``weights.png`` (histograms of the learned weights, clean
 against corrupted, per method) and ``methods.png`` (accuracy, F1, time, memory).
-Measured numbers (seed 0, 2 shared cores) are in README's Gallery.
+Measured (seed 0, 500 steps, 100 meta-steps, 2 shared cores, 40 s in all), test
+accuracy / F1 / ms per hypergradient / XLA MiB:
+
+    uniform weights (no cleaning)  0.812
+    oracle (clean examples only)   0.920
+    reverse                        0.918 / 0.948 / 88 / 42.6
+    truncated K=1                  0.905 / 0.947 / 30 / 0.60
+    truncated K=10                 0.906 / 0.945 / 31 / 1.45
+    truncated K=50                 0.913 / 0.952 / 34 / 4.81
+    implicit CG                    0.918 / 0.927 / 44 / 0.61
+
+Every method recovers most of the gap to the oracle; full reverse and implicit CG come
+closest, truncation loses about a point of accuracy at K = 1 and 10 (Shaban et al.'s
+finding that short truncations already clean well, at a fraction of the memory). The
+inner problem is not trained to stationarity (gradient norm about 0.008 after 500
+steps), so the implicit hypergradient is approximate; its CG solve converged.
 """
 
 from __future__ import annotations

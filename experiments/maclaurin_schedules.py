@@ -1,6 +1,6 @@
 """maclaurin-schedules: per-layer, per-step learning-rate and momentum schedules.
 
-Run:  hypergrad run maclaurin-schedules        (about 20 s on 2 CPU cores)
+Run:  hypergrad run maclaurin-schedules        (about 13 s on 2 CPU cores)
 
 Mirrors Maclaurin et al. (2015), "Gradient-based Hyperparameter Optimization through
 Reversible Learning", Fig. 2: an MLP (64-50-50-10, ReLU, cross-entropy) trained for
@@ -11,16 +11,21 @@ log learning rate -1 (0.37) and momentum 0.5. The baseline is a grid of ``grid_p
 constant learning rates (log-spaced on [exp(grid_low), exp(grid_high)], momentum 0.5),
 one training run each: 50 trainings against 50 meta-steps, the same number of training
 runs (a meta-step also runs the backward pass, about 3x a training's cost, so the grid
-gets about a third of the compute). Both pick by validation loss; test loss and accuracy
-are on the 397 held-out digits.
+gets about a third of the compute). Both report their best point by validation loss (the
+tuned schedules' incumbent over the 50 meta-steps, the grid's best rate); the last
+iterate is reported too. Test loss and accuracy are on the 397 held-out digits.
 
-Writes ``results.json``, ``schedules.png`` (the learned schedules and the validation loss
-per meta-step against the grid's best) and ``hparams/meta_step_*.npz``. Measured (seed 0,
-2 shared cores, 20 s in all): validation loss 0.135 -> 0.080 after 50 meta-steps
-(test accuracy 96.5%); the grid's best constant rate (0.24) reaches 0.108 (test 96.0%).
-The learned learning rates rise over the first steps and fall towards the end, the
-output layer's the lowest, as in Maclaurin's Fig. 2 (MNIST, 10000 examples, T = 100,
-batch 250); see README for where ours differ.
+Writes ``results.json``, ``schedules.png`` (the incumbent's schedules and the validation
+loss per meta-step against the grid's best) and ``hparams/meta_step_*.npz`` (start and
+end). Measured (seed 0, 2 shared cores, 13 s in all, 4.5 s of meta-steps): validation
+loss 0.135 at the start, 0.079 at the incumbent (meta-step 16; test accuracy 97.2%),
+against 0.107 for the grid's best constant rate (0.49; test 97.5%). After meta-step 17
+the meta-objective turns chaotic (learning rates near 0.6 with momentum 0.6 sit at the
+edge of stability on 1000 examples) and the last iterate ends at 1.60 (test 43.6%);
+halving the Adam step or training on the full batch only delays this. Maclaurin's Fig. 2
+(MNIST, 10000 examples, batch 250, reversible learning) shows smooth schedules that
+start low and rise; ours are noisy per step and rise over the run, and the chaotic tail
+is ours (see README).
 """
 
 from __future__ import annotations
