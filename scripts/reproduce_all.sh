@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the figures shown in README.md (small PNGs under docs/figures/).
-#   bash scripts/reproduce_all.sh          (about 12 minutes on 2 CPU cores)
+#   bash scripts/reproduce_all.sh          (about 13 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=runs/reproduce-$(date +%Y%m%d-%H%M%S)
@@ -27,3 +27,8 @@ hypergrad run baydin-hd --workdir "$work/baydin-hd"
 cp "$work/baydin-hd/iterations.png" docs/figures/baydin_hd_iterations.png
 hypergrad run seed-recurrence --workdir "$work/seed-recurrence"
 cp "$work/seed-recurrence/trajectories.png" docs/figures/seed_recurrence.png
+hypergrad run maclaurin-schedules --workdir "$work/maclaurin-schedules"
+cp "$work/maclaurin-schedules/schedules.png" docs/figures/maclaurin_schedules.png
+hypergrad run hyper-cleaning --workdir "$work/hyper-cleaning"
+cp "$work/hyper-cleaning/weights.png" docs/figures/hyper_cleaning_weights.png
+cp "$work/hyper-cleaning/methods.png" docs/figures/hyper_cleaning_methods.png

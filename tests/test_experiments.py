@@ -2,13 +2,16 @@
 
 import json
 
+import pytest
+
 from hypergrad.cli import main
 
 
 def test_list_names_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("seed-cnn", "grazzi-hierarchy", "hoag", "baydin-hd", "seed-recurrence"):
+    for name in ("seed-cnn", "grazzi-hierarchy", "hoag", "baydin-hd", "seed-recurrence",
+                 "maclaurin-schedules", "hyper-cleaning"):
         assert name in out
 
 
@@ -188,3 +191,81 @@ def test_seed_recurrence_stops_before_a_bad_slope_reaches_the_run():
     out = sr.trajectory(sr.build(config).task, opt, config, key)
     assert "non-finite" in out["stopped"]
     assert out["slope"] == [0.01] and out["val_loss"] == [None]  # never updated
+
+
+def test_maclaurin_schedules_tiny(tmp_path, capsys):
+    workdir = tmp_path / "m"
+    assert main(["run", "maclaurin-schedules", "--set", "steps=10", "--set", "meta_steps=3",
+                 "--set", "grid_points=4", "--set", "batch_size=50",
+                 "--set", "data.train_size=200", "--set", "data.val_size=100",
+                 "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    # One learning rate and one momentum per layer (3) and per step (10).
+    for name in ("learning_rate", "momentum"):
+        assert len(results["schedules"][name]) == 10
+        assert all(len(row) == 3 for row in results["schedules"][name])
+    assert results["groups"] == ["layers/0", "layers/1", "layers/2"]
+    assert len(results["tuned"]["val_loss"]) == 3 and len(results["grid"]["val_loss"]) == 4
+    # The schedules moved from their start (log lr -1, momentum 0.5 everywhere).
+    assert results["final_schedules"] != results["initial_schedules"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["best_val_loss"] <= summary["initial_val_loss"]
+    assert (workdir / "schedules.png").stat().st_size > 0
+    assert sorted(p.name for p in (workdir / "hparams").iterdir()) == [
+        "meta_step_00000.npz", "meta_step_00003.npz"]
+
+
+def test_maclaurin_schedules_bad_values_are_config_errors(tmp_path, capsys):
+    assert main(["run", "maclaurin-schedules", "--set", "grid_low=2",
+                 "--workdir", str(tmp_path)]) == 2
+    assert "grid_low" in capsys.readouterr().err
+    assert main(["run", "maclaurin-schedules", "--set", "estimator=implicit",
+                 "--workdir", str(tmp_path)]) == 2
+    assert "estimator" in capsys.readouterr().err
+
+
+def test_hyper_cleaning_tiny(tmp_path, capsys):
+    workdir = tmp_path / "c"
+    assert main(["run", "hyper-cleaning", "--set", "steps=30", "--set", "meta_steps=3",
+                 "--set", "data.train_size=100", "--set", "data.val_size=60",
+                 "--set", "methods=reverse,truncated:1,truncated:30,implicit",
+                 "--workdir", str(workdir), "--quiet"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert sum(results["corrupted"]) == 50
+    methods = results["methods"]
+    assert set(methods) == {"reverse", "truncated:1", "truncated:30", "implicit"}
+    # A window as long as the run is the full reverse hypergradient.
+    assert methods["truncated:30"]["weights"] == pytest.approx(methods["reverse"]["weights"],
+                                                              abs=1e-9)
+    for m in methods.values():
+        assert 0 <= m["f1"] <= 1 and m["peak_bytes"] > 0 and len(m["weights"]) == 100
+    # Backpropagating through 30 steps holds more memory than through one.
+    assert methods["reverse"]["peak_bytes"] > methods["truncated:1"]["peak_bytes"]
+    base = results["baselines"]
+    assert base["oracle"]["test_accuracy"] > base["uniform"]["test_accuracy"]
+    for name in ("weights.png", "methods.png"):
+        assert (workdir / name).stat().st_size > 0
+
+
+def test_hyper_cleaning_corruption_and_f1():
+    import numpy as np
+
+    from experiments.hyper_cleaning import corrupt_labels, f1_corrupted
+
+    y = np.arange(200) % 10
+    noisy, corrupted = corrupt_labels(y, 0.5, 10, seed=3)
+    assert corrupted.sum() == 100
+    assert np.all(noisy[corrupted] != y[corrupted]) and np.all(noisy[~corrupted] == y[~corrupted])
+    assert np.array_equal(corrupt_labels(y, 0.5, 10, seed=3)[0], noisy)  # seeded
+    scores = f1_corrupted(np.where(corrupted, -1.0, 1.0), corrupted)
+    assert scores == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert f1_corrupted(np.zeros(200), corrupted)["f1"] == 0.0  # w = 0 flags nothing
+
+
+def test_hyper_cleaning_bad_values_are_config_errors(tmp_path, capsys):
+    assert main(["run", "hyper-cleaning", "--set", "methods=truncated:0",
+                 "--workdir", str(tmp_path)]) == 2
+    assert "methods" in capsys.readouterr().err
+    assert main(["run", "hyper-cleaning", "--set", "batch_size=10",
+                 "--workdir", str(tmp_path)]) == 2
+    assert "batch_size" in capsys.readouterr().err

@@ -1,0 +1,323 @@
+"""maclaurin-schedules: per-layer, per-step learning-rate and momentum schedules.
+
+Run:  hypergrad run maclaurin-schedules        (about 13 s on 2 CPU cores)
+
+Mirrors Maclaurin et al. (2015), "Gradient-based Hyperparameter Optimization through
+Reversible Learning", Fig. 2: an MLP (64-50-50-10, ReLU, cross-entropy) trained for
+T = 100 steps of SGD with momentum (minibatches of 100 from 1000 digits), whose learning
+rate and momentum are each one value per layer and per step (3 layers x 100 steps each),
+meta-optimized by Adam (step 0.04, 50 meta-steps) on reverse-mode hypergradients from
+log learning rate -1 (0.37) and momentum 0.5. The baseline is a grid of ``grid_points``
+constant learning rates (log-spaced on [exp(grid_low), exp(grid_high)], momentum 0.5),
+one training run each: 50 trainings against 50 meta-steps, the same number of training
+runs (a meta-step also runs the backward pass, about 3x a training's cost, so the grid
+gets about a third of the compute). Both report their best point by validation loss (the
+tuned schedules' incumbent over the 50 meta-steps, the grid's best rate); the last
+iterate is reported too. Test loss and accuracy are on the 397 held-out digits.
+
+Writes ``results.json``, ``schedules.png`` (the incumbent's schedules and the validation
+loss per meta-step against the grid's best) and ``hparams/meta_step_*.npz`` (start and
+end). Measured (seed 0, 2 shared cores, 13 s in all, 4.5 s of meta-steps): validation
+loss 0.135 at the start, 0.079 at the incumbent (meta-step 16; test accuracy 97.2%),
+against 0.107 for the grid's best constant rate (0.49; test 97.5%). After meta-step 17
+the meta-objective turns chaotic (learning rates near 0.6 with momentum 0.6 sit at the
+edge of stability on 1000 examples) and the last iterate ends at 1.60 (test 43.6%);
+halving the Adam step or training on the full batch only delays this. Maclaurin's Fig. 2
+(MNIST, 10000 examples, batch 250, reversible learning) shows smooth schedules that
+start low and rise; ours are noisy per step and rise over the run, and the chaotic tail
+is ours (see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import hypergrad as hg
+from hypergrad.config import Config, ConfigError
+from hypergrad.models import accuracy
+from hypergrad.run import (
+    Experiment,
+    Problem,
+    estimator_for,
+    make_meta_step,
+    outer_for,
+    save_hparams,
+)
+from hypergrad.task import classification
+from hypergrad.unroll import objective
+
+
+@dataclasses.dataclass(frozen=True)
+class MaclaurinConfig(Config):
+    """``learning_rate`` and ``momentum`` start every layer and step; ``grid_points``
+    constant learning rates, log-spaced on ``[exp(grid_low), exp(grid_high)]`` with
+    momentum ``momentum``, are the baseline; ``sizes`` are the MLP's widths."""
+
+    steps: int = 100
+    meta_steps: int = 50
+    batch_size: int = 100
+    outer: str = "adam"
+    outer_lr: float | None = 0.04
+    loss: str = "ce"
+    learning_rate: float = math.exp(-1.0)
+    momentum: float = 0.5
+    per: str = "layer"
+    grid_points: int = 50
+    grid_low: float = -6.0
+    grid_high: float = 1.0
+    sizes: str = "64,50,50,10"
+
+    def space(self) -> hg.HyperSpace:
+        return hg.HyperSpace({
+            "learning_rate": hg.positive(self.learning_rate, per=self.per, schedule="per_step"),
+            "momentum": hg.unit(self.momentum, per=self.per, schedule="per_step"),
+        })
+
+    def validate(self) -> MaclaurinConfig:
+        if self.per not in ("layer", "tensor"):
+            raise ConfigError(f"per must be layer or tensor, got {self.per!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate:g}")
+        if not 0 < self.momentum < 1:
+            raise ConfigError(f"momentum must be in (0, 1), got {self.momentum:g}")
+        if self.estimator in ("implicit", "reversible"):
+            raise ConfigError(f"estimator must be reverse, truncated or forward (the "
+                              f"schedules are optimizer hyperparameters), got {self.estimator}")
+        super().validate()
+        if self.grid_points < 1:
+            raise ConfigError(f"grid_points must be at least 1, got {self.grid_points}")
+        if not self.grid_low < self.grid_high:
+            raise ConfigError(f"grid_low must be below grid_high, got {self.grid_low:g} >= "
+                              f"{self.grid_high:g}")
+        self.widths()
+        return self
+
+    def widths(self) -> tuple[int, ...]:
+        """The MLP's widths, from ``sizes`` such as ``"64,50,50,10"``."""
+        try:
+            widths = tuple(int(c) for c in self.sizes.split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) < 2 or min(widths) < 1:
+            raise ConfigError(f"sizes must be at least two positive integers separated by "
+                              f"commas, got {self.sizes!r}")
+        return widths
+
+
+def _problem(config: MaclaurinConfig, space: hg.HyperSpace) -> Problem:
+    dtype = jnp.dtype(config.dtype)
+    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
+                        val_size=config.data_val_size, test_size=config.data_test_size or None,
+                        data_dir=config.data_dir or None, dtype=dtype)
+    widths = config.widths()
+    if widths[0] != math.prod(data.input_shape) or widths[-1] != data.num_classes:
+        raise ConfigError(f"sizes must run from {math.prod(data.input_shape)} inputs to "
+                          f"{data.num_classes} classes for {config.data}, got {config.sizes}")
+    model = hg.models.MLP(nnx.Rngs(config.seed), widths, param_dtype=dtype)
+    task, predict = classification(model, data, space, steps=config.steps,
+                                   batch_size=config.batch_size or None, loss=config.loss,
+                                   optimizer=hg.inner.sgd())
+    x_test, y_test = data.test
+
+    def evaluate(params, hparams):
+        return {"test_loss": task.val_loss(params, hparams, data.test),
+                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+
+    return Problem(task, evaluate)
+
+
+def build(config: MaclaurinConfig) -> Problem:
+    """The MLP on digits with per-layer, per-step learning rate and momentum."""
+    return _problem(config, config.hyperspace())
+
+
+def _trained_scores(problem: Problem):
+    """A jitted ``(task, phi, key) -> {val_loss, test_loss, test_accuracy}``."""
+
+    def scores(task, phi, key):
+        value, aux = objective(task, phi, key)
+        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
+        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
+
+    return jax.jit(scores)
+
+
+def tune(config: MaclaurinConfig, problem: Problem, progress: bool = False) -> dict:
+    """The meta-optimization: ``meta_steps`` Adam steps on the schedules.
+
+    A step whose value or hypergradient is not finite is rejected and halves the step
+    (as in :func:`hypergrad.run.run`). ``val_loss[i]`` is the validation loss of the
+    ``phi`` that meta-step ``i`` started from. Returns the trajectory, the final ``phi``
+    and the best ``phi`` seen (the incumbent, as a search would report it).
+    """
+    task = problem.task
+    phi = task.space.init(jnp.dtype(config.dtype))
+    opt = outer_for(config)
+    state = opt.init(phi)
+    key = jax.random.key(config.seed)
+    meta_step = make_meta_step(estimator_for(config), opt)
+    scale = 1.0
+    out: dict = {"val_loss": [], "accepted": [], "seconds": []}
+    best, best_phi, best_step = math.inf, phi, 0
+    began = time.perf_counter()
+    for i in range(config.meta_steps):
+        new_phi, new_state, m = meta_step(task, phi, state, key, jnp.asarray(scale))
+        value = float(m["val_loss"])
+        if value < best:
+            best, best_phi, best_step = value, phi, i
+        accepted = bool(m["accepted"])
+        if accepted:
+            phi, state = new_phi, new_state
+        else:
+            scale *= 0.5
+        out["val_loss"].append(float(m["val_loss"]))
+        out["accepted"].append(accepted)
+        out["seconds"].append(time.perf_counter() - began)
+        if progress:
+            print(f"meta-step {i:3d} val loss {out['val_loss'][-1]:.4f}", flush=True)
+    out |= {"phi": phi, "best_phi": best_phi, "best_meta_step": best_step}
+    return out
+
+
+def grid(config: MaclaurinConfig) -> tuple[Problem, dict]:
+    """Every constant learning rate of the grid, trained once (one vmapped compile)."""
+    space = hg.HyperSpace({"learning_rate": hg.positive(config.learning_rate),
+                           "momentum": hg.unit(config.momentum)})
+    problem = _problem(config, space)
+    task = problem.task
+    dtype = jnp.dtype(config.dtype)
+    log_lrs = np.linspace(config.grid_low, config.grid_high, config.grid_points)
+    phi0 = task.space.init(dtype)
+    phis = {"learning_rate": jnp.asarray(log_lrs, dtype),
+            "momentum": jnp.full(len(log_lrs), phi0["momentum"], dtype)}
+    key = jax.random.key(config.seed)
+    scores = _trained_scores(problem)
+    began = time.perf_counter()
+    out = jax.device_get(jax.jit(jax.vmap(scores, in_axes=(None, 0, None)))(task, phis, key))
+    seconds = time.perf_counter() - began
+    val = np.asarray(out["val_loss"], np.float64)
+    best = int(np.nanargmin(np.where(np.isfinite(val), val, np.nan))) if np.isfinite(
+        val).any() else 0
+    return problem, {
+        "log_learning_rate": log_lrs.tolist(),
+        "val_loss": [float(v) if math.isfinite(v) else None for v in val],
+        "best_log_learning_rate": float(log_lrs[best]),
+        "best_val_loss": float(val[best]),
+        "best_test_loss": float(out["test_loss"][best]),
+        "best_test_accuracy": float(out["test_accuracy"][best]),
+        "seconds": seconds,
+    }
+
+
+def main(config: MaclaurinConfig, workdir: Path, progress: bool) -> dict:
+    """Tune the schedules, run the constant-rate grid, write results and the figure."""
+    if config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    problem = build(config)
+    task = problem.task
+    key = jax.random.key(config.seed)
+    scores = _trained_scores(problem)
+    phi0 = task.space.init(jnp.dtype(config.dtype))
+    initial = jax.device_get(scores(task, phi0, key))
+    save_hparams(workdir, task, phi0, 0)
+    tuned = tune(config, problem, progress)
+    phi, best_phi = tuned.pop("phi"), tuned.pop("best_phi")
+    save_hparams(workdir, task, phi, config.meta_steps)
+    final = jax.device_get(scores(task, phi, key))
+    best = jax.device_get(scores(task, best_phi, key))
+    _, baseline = grid(config)
+
+    def schedules(p):
+        values = task.space.arrays(task.space.constrain(p))
+        return {name: np.asarray(values[f"{name}@steps"]).tolist()
+                for name in ("learning_rate", "momentum")}
+
+    groups = task.space.arrays(task.space.constrain(phi)).get("learning_rate@groups", [])
+    results = {
+        "tuned": {**tuned, "initial_val_loss": float(initial["val_loss"]),
+                  "final_val_loss": float(final["val_loss"]),
+                  "final_test_loss": float(final["test_loss"]),
+                  "final_test_accuracy": float(final["test_accuracy"]),
+                  "best_val_loss": float(best["val_loss"]),
+                  "best_test_loss": float(best["test_loss"]),
+                  "best_test_accuracy": float(best["test_accuracy"]),
+                  "initial_test_accuracy": float(initial["test_accuracy"])},
+        "grid": baseline,
+        "schedules": schedules(best_phi),
+        "final_schedules": schedules(phi),
+        "initial_schedules": schedules(phi0),
+        "groups": [str(g) for g in groups],
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(workdir / "results.json", workdir / "schedules.png")
+    return {
+        "initial_val_loss": results["tuned"]["initial_val_loss"],
+        "final_val_loss": results["tuned"]["final_val_loss"],
+        "final_test_accuracy": results["tuned"]["final_test_accuracy"],
+        "best_val_loss": results["tuned"]["best_val_loss"],
+        "best_meta_step": tuned["best_meta_step"],
+        "best_test_accuracy": results["tuned"]["best_test_accuracy"],
+        "grid_best_val_loss": baseline["best_val_loss"],
+        "grid_best_learning_rate": math.exp(baseline["best_log_learning_rate"]),
+        "grid_best_test_accuracy": baseline["best_test_accuracy"],
+        "tuning_seconds": tuned["seconds"][-1],
+        "grid_seconds": baseline["seconds"],
+        "rejected_meta_steps": tuned["accepted"].count(False),
+    }
+
+
+def plot(results_path: Path, path: Path) -> None:
+    """Learned learning-rate and momentum schedules per layer, and the validation loss
+    per meta-step against the grid's best constant learning rate, from ``results.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(results_path).read_text())
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), dpi=90)
+    for ax, name, label in ((axes[0], "learning_rate", "learning rate"),
+                            (axes[1], "momentum", "momentum")):
+        values = np.asarray(results["schedules"][name])
+        values = values.reshape(len(values), -1)
+        groups = results["groups"] or [f"group {i}" for i in range(values.shape[1])]
+        steps = np.arange(len(values))
+        for i in range(values.shape[1]):
+            ax.plot(steps, values[:, i], label=groups[i] if i < len(groups) else str(i))
+        start = np.asarray(results["initial_schedules"][name]).reshape(len(values), -1)
+        ax.plot(steps, start[:, 0], ls="--", color="gray", lw=0.8, label="initial")
+        if name == "learning_rate":
+            ax.set_yscale("log")
+        ax.set(xlabel="inner step", ylabel=label,
+               title=f"{label} per layer (meta-step {results['tuned']['best_meta_step']})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    tuned, grid_ = results["tuned"], results["grid"]
+    ax = axes[2]
+    ax.plot(np.arange(1, len(tuned["val_loss"]) + 1), tuned["val_loss"], marker=".",
+            label="schedules (Adam on hypergradients)")
+    ax.axhline(grid_["best_val_loss"], color="C3", ls="--",
+               label=f"best constant lr ({math.exp(grid_['best_log_learning_rate']):.3g}) of "
+                     f"{len(grid_['val_loss'])}")
+    ax.set(xlabel="meta-step", ylabel="validation loss (nats)",
+           title="validation cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "maclaurin-schedules", MaclaurinConfig(), build,
+    "per-layer x per-step learning-rate and momentum schedules of an MLP against the best "
+    "constant learning rate (Maclaurin et al. 2015)", main)
