@@ -337,7 +337,13 @@ def _power(x: float) -> str:
     return f"1e{e}" if math.isclose(x, 10.0**e) else f"{x:g}"
 
 
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """``iterations.png`` in ``out`` from ``workdir/results.json``."""
+    plot(workdir / "results.json", out / "iterations.png")
+    return [out / "iterations.png"]
+
+
 EXPERIMENT = Experiment(
     "baydin-hd", BaydinConfig(), build,
     "iterations to a training loss over a grid of alpha_0 and beta, SGD / SGDN / Adam with "
-    "and without hypergradient descent (Baydin et al. 2018)", main)
+    "and without hypergradient descent (Baydin et al. 2018)", main, redraw)

@@ -391,7 +391,13 @@ def plot(results_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """``suboptimality.png`` in ``out`` from ``workdir/results.json``."""
+    plot(workdir / "results.json", out / "suboptimality.png")
+    return [out / "suboptimality.png"]
+
+
 EXPERIMENT = Experiment(
     "hoag", HoagConfig(), build,
     "tune an L2 penalty by implicit CG with a decreasing tolerance against grid and "
-    "random search (Pedregosa 2016)", main)
+    "random search (Pedregosa 2016)", main, redraw)

@@ -344,7 +344,14 @@ def plot(results_path: Path, outdir: Path) -> None:
     plt.close(fig)
 
 
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """The figures in ``out`` from ``workdir/results.json``."""
+    before = set(out.glob("*.png"))
+    plot(workdir / "results.json", out)
+    return sorted(set(out.glob("*.png")) - before) or sorted(out.glob("*.png"))
+
+
 EXPERIMENT = Experiment(
     "hyper-cleaning", CleaningConfig(), build,
     "one weight per training example against corrupted labels: reverse, truncated and "
-    "implicit hypergradients (Franceschi et al. 2017, Shaban et al. 2019)", main)
+    "implicit hypergradients (Franceschi et al. 2017, Shaban et al. 2019)", main, redraw)

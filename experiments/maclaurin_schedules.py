@@ -317,7 +317,13 @@ def plot(results_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """``schedules.png`` in ``out`` from ``workdir/results.json``."""
+    plot(workdir / "results.json", out / "schedules.png")
+    return [out / "schedules.png"]
+
+
 EXPERIMENT = Experiment(
     "maclaurin-schedules", MaclaurinConfig(), build,
     "per-layer x per-step learning-rate and momentum schedules of an MLP against the best "
-    "constant learning rate (Maclaurin et al. 2015)", main)
+    "constant learning rate (Maclaurin et al. 2015)", main, redraw)

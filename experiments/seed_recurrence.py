@@ -252,7 +252,13 @@ def plot(results_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """``trajectories.png`` in ``out`` from ``workdir/results.json``."""
+    plot(workdir / "results.json", out / "trajectories.png")
+    return [out / "trajectories.png"]
+
+
 EXPERIMENT = Experiment(
     "seed-recurrence", SeedRecurrenceConfig(), build,
     "the source article's Fibonacci-like slope recurrence beside gradient descent on the "
-    "seed CNN", main)
+    "seed CNN", main, redraw)

@@ -155,11 +155,32 @@ def _check(args) -> int:
     return 0 if worst <= args.tol else 1
 
 
+def _own_plot(workdir: Path):
+    """The ``plot`` of the experiment that wrote ``workdir``, if it has its own ``main``
+    and left a ``results.json`` (and no ``metrics.jsonl``); else ``None``."""
+    import json
+
+    if (workdir / "metrics.jsonl").exists() or not (workdir / "results.json").is_file():
+        return None
+    try:
+        name = json.loads((workdir / "config.json").read_text())["experiment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    from hypergrad.run import get_experiment
+
+    return get_experiment(name).plot
+
+
 def _plot(args) -> int:
     from hypergrad import plots
 
     workdirs = [Path(w) for w in args.workdirs]
-    if len(workdirs) == 1:
+    own = _own_plot(workdirs[0]) if len(workdirs) == 1 else None
+    if own is not None:  # an experiment with its own main redraws from its results.json
+        out = Path(args.out) if args.out else workdirs[0]
+        out.mkdir(parents=True, exist_ok=True)
+        paths = own(workdirs[0], out)
+    elif len(workdirs) == 1:
         plots.read_run(workdirs[0])  # a one-line error before any figure is drawn
         paths = plots.plot_run(workdirs[0], args.out)
     else:

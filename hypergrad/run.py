@@ -47,7 +47,8 @@ class Experiment(NamedTuple):
     Most experiments tune hyperparameters with the standard loop of :func:`run`. One that
     measures something else (a comparison of estimators, say) gives ``main(config,
     workdir, progress) -> summary``, which :func:`run` calls instead of the loop, after
-    writing ``config.json``; such a run cannot be resumed.
+    writing ``config.json``; such a run cannot be resumed. Its ``plot(workdir, out) ->
+    paths`` redraws its figures from what ``main`` wrote (``hypergrad plot WORKDIR``).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Experiment(NamedTuple):
     build: Callable[[Config], Problem]
     description: str
     main: Callable[[Config, Path, bool], dict[str, Any]] | None = None
+    plot: Callable[[Path, Path], list[Path]] | None = None
 
 
 class RunError(RuntimeError):

@@ -31,6 +31,17 @@ def test_grazzi_hierarchy_tiny(tmp_path, capsys):
     assert (workdir / "hierarchy.png").stat().st_size > 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["t_max"] == 8
+    # `hypergrad plot` redraws the figure from results.json alone.
+    out = tmp_path / "redrawn"
+    assert main(["plot", str(workdir), "--out", str(out)]) == 0
+    assert (out / "hierarchy.png").stat().st_size > 0
+
+
+def test_every_self_contained_experiment_can_redraw_its_figures():
+    from hypergrad.run import experiments
+
+    for name, exp in experiments().items():
+        assert (exp.main is None) == (exp.plot is None), name
 
 
 def test_grazzi_hierarchy_cannot_resume(tmp_path, capsys):
