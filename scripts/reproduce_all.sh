@@ -19,6 +19,10 @@ hypergrad run seed-cnn --quiet --set outer=adam --set hparams.learning_rate.per=
   --set hparams.learning_rate.schedule=per_step --set hparams.weight_decay.per=parameter \
   --workdir "$work/seed-cnn-schedules"
 cp "$work/seed-cnn-schedules/schedules.png" docs/figures/seed_cnn_schedules.png
+# The loss function and the activation as hyperparameters: an MSE/CE mix, a slope per layer.
+hypergrad run seed-cnn --quiet --set loss_mix=0.5 --set hparams.leaky_slope.per=layer \
+  --workdir "$work/seed-cnn-lossmix"
+cp "$work/seed-cnn-lossmix/hparams.png" docs/figures/seed_cnn_lossmix_hparams.png
 hypergrad run grazzi-hierarchy --workdir "$work/grazzi-hierarchy"
 cp "$work/grazzi-hierarchy/hierarchy.png" docs/figures/grazzi_hierarchy.png
 hypergrad run hoag --workdir "$work/hoag"
