@@ -52,6 +52,19 @@ def _scalar(v: Any) -> float:
     return v if isinstance(v, float) else v["mean"]
 
 
+MAX_GROUP_LINES = 8
+
+
+def _groups(records: list[dict[str, Any]], name: str) -> dict[str, list[float]] | None:
+    """Each group's value (its mean, for a schedule) per meta-step, when ``name`` is
+    grouped into at most :data:`MAX_GROUP_LINES` groups; else ``None``."""
+    first = records[0]["hparams"][name]
+    if not isinstance(first, dict) or not 1 < len(first.get("groups", {})) <= MAX_GROUP_LINES:
+        return None
+    return {g: [_scalar(r["hparams"][name]["groups"][g]) for r in records]
+            for g in first["groups"]}
+
+
 def _members(workdir: Path, records: list[dict[str, Any]]):
     """A population run's members as ``{member: (meta_steps, val_losses, hparams)}`` over
     their accepted meta-steps, and the best member (``summary.json``'s, else the lowest
@@ -97,7 +110,8 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     return their paths.
 
     ``val_loss.png``: validation loss per meta-step. ``hparams.png``: one panel per
-    hyperparameter with its trajectory (the mean, for array-valued ones), on a log axis
+    hyperparameter with its trajectory (one line per group for a per-layer one with at
+    most :data:`MAX_GROUP_LINES` groups, else the mean), on a log axis
     where the values are positive and span more than a factor of 3. For a population
     every member is drawn faintly and the best member boldly.
     """
@@ -127,8 +141,16 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), dpi=100,
                                  squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
-            values = _draw(ax, steps, [_scalar(r["hparams"][name]) for r in records],
-                           series, best, lambda v, h, n=name: _scalar(h[n]))
+            groups = _groups(records, name) if not series else None
+            if groups:  # one line per layer (or group), as for a per-layer slope
+                values = []
+                for group, ys in groups.items():
+                    ax.plot(steps, ys, marker=".", ms=3, label=group)
+                    values += ys
+                ax.legend(fontsize=6)
+            else:
+                values = _draw(ax, steps, [_scalar(r["hparams"][name]) for r in records],
+                               series, best, lambda v, h, n=name: _scalar(h[n]))
             if min(values) > 0 and max(values) > 3 * min(values):
                 ax.set_yscale("log")
             ax.set_title(name, fontsize=10)
