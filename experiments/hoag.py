@@ -49,6 +49,7 @@ from jax.flatten_util import ravel_pytree
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
+from hypergrad.estimators.implicit import conjugate_gradient
 from hypergrad.models import accuracy
 from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
@@ -178,28 +179,14 @@ def implicit_hypergrad(task: hg.Task, phi, w, q0, tol, maxiter: int):
 
     value, g = jax.value_and_grad(lambda x: task.val_loss(unravel(x), hp, task.val_data))(
         w_flat)
-    r = g - hvp(q0)
-
-    def cond(s):
-        i, _, _, _, rs = s
-        return (i < maxiter) & (jnp.sqrt(rs) > tol)
-
-    def body(s):
-        i, q, r, p, rs = s
-        hp_ = hvp(p)
-        a = rs / jnp.vdot(p, hp_)
-        q, r = q + a * p, r - a * hp_
-        rs_new = jnp.vdot(r, r)
-        return i + 1, q, r, r + (rs_new / rs) * p, rs_new
-
-    i, q, r, _, rs = jax.lax.while_loop(cond, body, (0, q0, r, r, jnp.vdot(r, r)))
+    q, i, residual = conjugate_gradient(hvp, g, q0, maxiter=maxiter, atol=tol)
 
     def lagrangian(p):
         hparams = task.space.constrain(p)
         return task.val_loss(w, hparams, task.val_data) - jnp.vdot(train_grad(w_flat, hparams),
                                                                     q)
 
-    return value, jax.grad(lagrangian)(phi), q, i, jnp.sqrt(rs)
+    return value, jax.grad(lagrangian)(phi), q, i, residual
 
 
 def _methods(maxiter: int):

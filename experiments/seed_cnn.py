@@ -56,14 +56,7 @@ class SeedCnnConfig(Config):
 
     def widths(self) -> tuple[int, ...]:
         """The convolutions' output channels, from ``channels`` such as ``"8,16,16"``."""
-        try:
-            widths = tuple(int(c) for c in self.channels.split(","))
-        except ValueError:
-            widths = ()
-        if not widths or min(widths) < 1:
-            raise ConfigError(f"channels must be positive integers separated by commas, "
-                              f"got {self.channels!r}")
-        return widths
+        return parse_channels(self.channels)
 
     def space(self) -> hg.HyperSpace:
         """The inner optimizer's hyperparameters (SGD: learning rate, momentum, weight
@@ -86,6 +79,18 @@ class SeedCnnConfig(Config):
 
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    """Output channels from ``"8,16,16"``; a :class:`ConfigError` names anything else."""
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ConfigError(f"channels must be positive integers separated by commas, "
+                          f"got {text!r}")
+    return widths
 
 
 def build(config: SeedCnnConfig) -> Problem:

@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 
 import hypergrad as hg
+from experiments.seed_cnn import parse_channels
 from hypergrad.config import Config, ConfigError
 from hypergrad.models import accuracy
 from hypergrad.run import Experiment, Problem
@@ -80,14 +81,7 @@ class SeedRecurrenceConfig(Config):
 
     def widths(self) -> tuple[int, ...]:
         """The convolutions' output channels, from ``channels`` such as ``"8,16,16"``."""
-        try:
-            widths = tuple(int(c) for c in self.channels.split(","))
-        except ValueError:
-            widths = ()
-        if not widths or min(widths) < 1:
-            raise ConfigError(f"channels must be positive integers separated by commas, "
-                              f"got {self.channels!r}")
-        return widths
+        return parse_channels(self.channels)
 
     def space(self) -> hg.HyperSpace:
         return hg.HyperSpace({"leaky_slope": hg.real(self.leaky_slope)})

@@ -173,6 +173,36 @@ def _warn_unless_converged(solver: str, tol: float, fallback: str | None, window
     return warn
 
 
+def conjugate_gradient(hvp: Callable, b: jax.Array, x0: jax.Array | None = None, *,
+                       maxiter: int, atol: Any) -> tuple[jax.Array, Any, jax.Array]:
+    """Solve ``H x = b`` for a symmetric positive-definite ``H`` given as ``hvp``, by
+    conjugate gradients (Hestenes & Stiefel 1952) in a ``lax.while_loop``.
+
+    Stops when the residual norm ``|b - H x|`` is at most ``atol`` (which may be traced,
+    so a shrinking tolerance does not recompile) or after ``maxiter`` iterations.
+
+    Returns:
+      ``(x, iterations, residual_norm)``.
+    """
+    r = b if x0 is None else b - hvp(x0)
+    x0 = jnp.zeros_like(b) if x0 is None else x0
+
+    def cond(s):
+        i, _, _, _, rs = s
+        return (i < maxiter) & (jnp.sqrt(rs) > atol)
+
+    def body(s):
+        i, x, r, p, rs = s
+        hp_ = hvp(p)
+        a = rs / jnp.vdot(p, hp_)
+        x, r = x + a * p, r - a * hp_
+        rs_new = jnp.vdot(r, r)
+        return i + 1, x, r, r + (rs_new / rs) * p, rs_new
+
+    i, x, _, _, rs = jax.lax.while_loop(cond, body, (0, x0, r, r, jnp.vdot(r, r)))
+    return x, i, jnp.sqrt(rs)
+
+
 def _solver(name: str, maxiter: int, tol: float, alpha: float | None) -> Callable:
     """``solve(hvp, g) -> (v, iterations)`` for ``H v = g``, as a ``lax.while_loop``."""
 
@@ -183,20 +213,7 @@ def _solver(name: str, maxiter: int, tol: float, alpha: float | None) -> Callabl
             return jnp.linalg.norm(x)
 
         if name == "cg":
-            def cond(s):
-                i, _, _, _, rs = s
-                return (i < maxiter) & (jnp.sqrt(rs) > target)
-
-            def body(s):
-                i, v, r, p, rs = s
-                hp_ = hvp(p)
-                a = rs / jnp.vdot(p, hp_)
-                v, r = v + a * p, r - a * hp_
-                rs_new = jnp.vdot(r, r)
-                return i + 1, v, r, r + (rs_new / rs) * p, rs_new
-
-            init = (0, jnp.zeros_like(g), g, g, jnp.vdot(g, g))
-            i, v, *_ = jax.lax.while_loop(cond, body, init)
+            v, i, _ = conjugate_gradient(hvp, g, maxiter=maxiter, atol=target)
             return v, i
 
         a = jnp.asarray(alpha, g.dtype)
