@@ -137,7 +137,7 @@ def build(config: BaydinConfig, model: str = "logreg") -> Problem:
                         val_size=config.data_val_size, test_size=config.data_test_size or None,
                         data_dir=config.data_dir or None, dtype=dtype)
     net = _model(model, config, math.prod(data.input_shape), data.num_classes, dtype)
-    task, predict = classification(net, data, config.space(), steps=config.steps,
+    task, predict = classification(net, data, config.hyperspace(), steps=config.steps,
                                    batch_size=config.batch_size, loss="ce", slope=0.0)
     x_test, y_test = data.test
 

@@ -36,6 +36,7 @@ import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
 from hypergrad.models import accuracy
+from hypergrad.plots import save_figure
 from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
 
@@ -175,9 +176,7 @@ def _plot(results, path):
     for ax in (ax_err, ax_time):
         ax.grid(alpha=0.3, which="both")
     ax_err.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def redraw(workdir: Path, out: Path) -> list[Path]:

@@ -51,6 +51,7 @@ import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators.implicit import conjugate_gradient
 from hypergrad.models import accuracy
+from hypergrad.plots import save_figure
 from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
 
@@ -122,7 +123,7 @@ def build(config: HoagConfig) -> Problem:
         w = params["linear"]["kernel"]
         return data_loss(params, hparams, batch) + hparams["l2"] * jnp.sum(w**2)
 
-    task = task.replace(train_loss=penalized, space=config.space())
+    task = task.replace(train_loss=penalized, space=config.hyperspace())
     x_test, y_test = data.test
 
     def evaluate(params, hparams):
@@ -373,9 +374,7 @@ def plot(results_path: Path, path: Path) -> None:
     ax.set_title("L2-regularized logistic regression on digits", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def redraw(workdir: Path, out: Path) -> list[Path]:

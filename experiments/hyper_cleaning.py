@@ -62,6 +62,7 @@ import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
 from hypergrad.models import accuracy
+from hypergrad.plots import save_figure
 from hypergrad.run import Experiment, Problem, make_meta_step, outer_for
 from hypergrad.task import classification
 from hypergrad.unroll import objective
@@ -316,9 +317,7 @@ def plot(results_path: Path, outdir: Path) -> None:
         ax.title.set_fontsize(9)
     axes[0][0].set_ylabel("training examples")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(outdir) / "weights.png")
-    plt.close(fig)
+    save_figure(fig, Path(outdir) / "weights.png")
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 2.9), dpi=90)
     x = np.arange(len(labels))
@@ -339,9 +338,7 @@ def plot(results_path: Path, outdir: Path) -> None:
     lo = min([base["uniform"]["test_accuracy"], *(methods[m]["test_accuracy"] for m in labels)])
     axes[0].set_ylim(max(0.0, lo - 0.05), 1.0)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(outdir) / "methods.png")
-    plt.close(fig)
+    save_figure(fig, Path(outdir) / "methods.png")
 
 
 def redraw(workdir: Path, out: Path) -> list[Path]:

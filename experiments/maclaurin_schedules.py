@@ -44,6 +44,7 @@ from flax import nnx
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.models import accuracy
+from hypergrad.plots import save_figure
 from hypergrad.run import (
     Experiment,
     Problem,
@@ -312,9 +313,7 @@ def plot(results_path: Path, path: Path) -> None:
            title="validation cross-entropy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def redraw(workdir: Path, out: Path) -> list[Path]:

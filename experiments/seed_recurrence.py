@@ -44,6 +44,7 @@ import hypergrad as hg
 from experiments.seed_cnn import parse_channels
 from hypergrad.config import Config, ConfigError
 from hypergrad.models import accuracy
+from hypergrad.plots import save_figure
 from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
 from hypergrad.unroll import objective
@@ -98,7 +99,7 @@ def build(config: SeedRecurrenceConfig) -> Problem:
                               channels=config.widths(), num_classes=data.num_classes,
                               image_shape=tuple(image_shape), param_dtype=dtype)
     optimizer = hg.inner.sgd(config.learning_rate, config.momentum, config.weight_decay)
-    task, predict = classification(model, data, config.space(), steps=config.steps,
+    task, predict = classification(model, data, config.hyperspace(), steps=config.steps,
                                    batch_size=config.batch_size or None, loss=config.loss,
                                    optimizer=optimizer)
     x_test, y_test = data.test
@@ -241,9 +242,7 @@ def plot(results_path: Path, path: Path) -> None:
     for ax in (ax_s, ax_v):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def redraw(workdir: Path, out: Path) -> list[Path]:

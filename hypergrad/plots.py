@@ -134,7 +134,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
-    paths.append(_save(plt, fig, out / "val_loss.png"))
+    paths.append(save_figure(fig, out / "val_loss.png"))
 
     names = list(records[0]["hparams"]) if records else []
     if names:
@@ -156,7 +156,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("meta-step")
             ax.grid(alpha=0.3)
-        paths.append(_save(plt, fig, out / "hparams.png"))
+        paths.append(save_figure(fig, out / "hparams.png"))
     schedules = plot_schedules(workdir, out)
     return paths + ([schedules] if schedules else [])
 
@@ -202,7 +202,7 @@ def plot_schedules(workdir: str | Path, out: str | Path | None = None) -> Path |
         ax.set_xlabel("inner step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(plt, fig, Path(workdir if out is None else out) / "schedules.png")
+    return save_figure(fig, Path(workdir if out is None else out) / "schedules.png")
 
 
 def _labels(workdirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
@@ -250,7 +250,7 @@ def plot_compare(workdirs: Sequence[str | Path], out: str | Path) -> list[Path]:
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, title="hyper-update", title_fontsize=8)
-    paths.append(_save(plt, fig, out / "compare_val_loss.png"))
+    paths.append(save_figure(fig, out / "compare_val_loss.png"))
 
     names = list(runs[0][0][0]["hparams"])
     if names:
@@ -275,11 +275,16 @@ def plot_compare(workdirs: Sequence[str | Path], out: str | Path) -> list[Path]:
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
         axes[0][0].legend(fontsize=7)
-        paths.append(_save(plt, fig, out / "compare_hparams.png"))
+        paths.append(save_figure(fig, out / "compare_hparams.png"))
     return paths
 
 
-def _save(plt, fig, path: Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure; every figure of the project is saved
+    here. Returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

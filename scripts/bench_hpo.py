@@ -53,6 +53,7 @@ import numpy as np
 import hypergrad as hg
 from hypergrad import search
 from hypergrad.config import Config
+from hypergrad.plots import save_figure
 from hypergrad.run import Problem, make_evaluate, make_meta_step, outer_for
 
 HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam")
@@ -246,9 +247,7 @@ def figure(report: dict[str, Any], path: str) -> None:
                ylabel="best validation loss so far")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
