@@ -133,9 +133,7 @@ def _model(name: str, config: BaydinConfig, features: int, classes: int, dtype):
 def build(config: BaydinConfig, model: str = "logreg") -> Problem:
     """The classification task of one model (ReLU, cross-entropy) on the configured data."""
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     net = _model(model, config, math.prod(data.input_shape), data.num_classes, dtype)
     task, predict = classification(net, data, config.hyperspace(), steps=config.steps,
                                    batch_size=config.batch_size, loss="ce", slope=0.0)

@@ -82,7 +82,7 @@ class GrazziConfig(Config):
 def build(config: GrazziConfig) -> Problem:
     """Logistic regression with a penalty ``sum_j l2_j |W_j|^2`` per input feature j."""
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, dtype=dtype)
+    data = config.load_data()
     model = hg.models.LogisticRegression(nnx.Rngs(config.seed), 64, data.num_classes,
                                          param_dtype=dtype)
     # The penalty is added below: the plain task tunes nothing yet.

@@ -106,9 +106,7 @@ class HoagConfig(Config):
 def build(config: HoagConfig) -> Problem:
     """Logistic regression with the penalty ``l2 * |W|^2`` (the bias is not penalized)."""
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     features = math.prod(data.input_shape)
     model = hg.models.LogisticRegression(nnx.Rngs(config.seed), features, data.num_classes,
                                          param_dtype=dtype)

@@ -148,9 +148,7 @@ def corrupt_labels(labels: np.ndarray, fraction: float, num_classes: int,
 
 def _setup(config: CleaningConfig):
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     x, y = data.train
     noisy, corrupted = corrupt_labels(np.asarray(y), config.corrupt, data.num_classes,
                                       config.seed)

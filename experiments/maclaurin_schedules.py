@@ -116,9 +116,7 @@ class MaclaurinConfig(Config):
 
 def _problem(config: MaclaurinConfig, space: hg.HyperSpace) -> Problem:
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     widths = config.widths()
     if widths[0] != math.prod(data.input_shape) or widths[-1] != data.num_classes:
         raise ConfigError(f"sizes must run from {math.prod(data.input_shape)} inputs to "

@@ -96,9 +96,7 @@ def parse_channels(text: str) -> tuple[int, ...]:
 def build(config: SeedCnnConfig) -> Problem:
     """The seed CNN on the configured data; test metrics on the held-out split."""
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     task, predict = seed_cnn(data, config.hyperspace(), steps=config.steps,
                              batch_size=config.batch_size or None, loss=config.loss,
                              seed=config.seed, channels=config.widths(), dtype=dtype,

@@ -91,9 +91,7 @@ class SeedRecurrenceConfig(Config):
 def build(config: SeedRecurrenceConfig) -> Problem:
     """The seed CNN tuning only its slope; SGD's hyperparameters fixed."""
     dtype = jnp.dtype(config.dtype)
-    data = hg.data.load(config.data, seed=config.seed, train_size=config.data_train_size,
-                        val_size=config.data_val_size, test_size=config.data_test_size or None,
-                        data_dir=config.data_dir or None, dtype=dtype)
+    data = config.load_data()
     *image_shape, in_channels = data.input_shape
     model = hg.models.SeedCNN(nnx.Rngs(config.seed), in_channels=in_channels,
                               channels=config.widths(), num_classes=data.num_classes,

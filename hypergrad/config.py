@@ -188,6 +188,17 @@ class Config:
             raise ConfigError(str(e)) from None
         return self
 
+    def load_data(self) -> Any:
+        """The dataset these keys name (``data``, ``data.*``, ``seed``, ``dtype``): a
+        :class:`hypergrad.data.Dataset`, split by ``seed``."""
+        import jax.numpy as jnp
+
+        from hypergrad.data import load
+
+        return load(self.data, seed=self.seed, train_size=self.data_train_size,
+                    val_size=self.data_val_size, test_size=self.data_test_size or None,
+                    data_dir=self.data_dir or None, dtype=jnp.dtype(self.dtype))
+
     def checkpoint_policy(self) -> str | int | None:
         """``checkpoint`` as :func:`hypergrad.estimators.reverse` takes it."""
         if self.checkpoint in ("none", "step", "nested"):
