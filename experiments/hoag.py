@@ -49,7 +49,7 @@ from jax.flatten_util import ravel_pytree
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
-from hypergrad.estimators.implicit import conjugate_gradient
+from hypergrad.estimators.implicit import conjugate_gradient, stationary_hypergradient
 from hypergrad.models import accuracy
 from hypergrad.plots import save_figure
 from hypergrad.run import Experiment, Problem
@@ -167,25 +167,15 @@ def implicit_hypergrad(task: hg.Task, phi, w, q0, tol, maxiter: int):
     with ``w`` and ``q`` held fixed (Pedregosa 2016, eq. 4). Returns ``(value, grad, q,
     iterations, residual)``.
     """
-    hp = task.space.constrain(phi)
-    w_flat, unravel = ravel_pytree(w)
+    cg = {}  # CG's own residual norm |g - H q|, the quantity `tol` bounds
 
-    def train_grad(v, hparams):
-        return ravel_pytree(jax.grad(task.train_loss)(unravel(v), hparams, task.train_data))[0]
+    def solve(hvp, g):
+        q, iterations, cg["residual"] = conjugate_gradient(hvp, g, q0, maxiter=maxiter,
+                                                           atol=tol)
+        return q, iterations
 
-    def hvp(v):
-        return jax.jvp(lambda x: train_grad(x, hp), (w_flat,), (v,))[1]
-
-    value, g = jax.value_and_grad(lambda x: task.val_loss(unravel(x), hp, task.val_data))(
-        w_flat)
-    q, i, residual = conjugate_gradient(hvp, g, q0, maxiter=maxiter, atol=tol)
-
-    def lagrangian(p):
-        hparams = task.space.constrain(p)
-        return task.val_loss(w, hparams, task.val_data) - jnp.vdot(train_grad(w_flat, hparams),
-                                                                    q)
-
-    return value, jax.grad(lagrangian)(phi), q, i, residual
+    value, grad, info = stationary_hypergradient(task, phi, w, solve)
+    return value, grad, info["v"], info["iterations"], cg["residual"]
 
 
 def _methods(maxiter: int):

@@ -98,34 +98,12 @@ def implicit(
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         _refuse_optimizer_hparams(task)
-        last = task.steps - 1  # the stationarity condition of the loss trained last
-        hp_compact = jax.lax.stop_gradient(task.space.constrain(phi))
-        params, losses = unroll(task, hp_compact, key)
-        hp = task.space.at_step(hp_compact, last)
+        hp = jax.lax.stop_gradient(task.space.constrain(phi))
+        params, losses = unroll(task, hp, key)
         params = jax.lax.stop_gradient(params)
-        w, unravel = ravel_pytree(params)
-
-        def train_grad(w, hparams):
-            return ravel_pytree(jax.grad(task.train_loss)(unravel(w), hparams, task.train_data))[0]
-
-        def hvp(v):
-            return jax.jvp(lambda w: train_grad(w, hp), (w,), (v,))[1]
-
-        value, g = jax.value_and_grad(
-            lambda w: task.val_loss(unravel(w), hp, task.val_data))(w)
-        v, iterations = solve(hvp, g)
-        gnorm = jnp.linalg.norm(g)
-        rnorm = jnp.linalg.norm(g - hvp(v))
-        residual = jnp.where(gnorm > 0, rnorm / jnp.where(gnorm > 0, gnorm, 1), rnorm)
+        value, grad, info = stationary_hypergradient(task, phi, params, solve)
+        iterations, residual = info["iterations"], info["residual"]
         converged = residual <= tol  # False for a NaN residual
-        v = jax.lax.stop_gradient(v)
-
-        def lagrangian(p):
-            hparams = task.space.at_step(task.space.constrain(p), last)
-            return task.val_loss(params, hparams, task.val_data) - jnp.vdot(
-                train_grad(w, hparams), v)
-
-        grad = jax.grad(lagrangian)(phi)
         aux = {"train_loss": losses[-1], "train_losses": losses, "params": params,
                "iterations": iterations, "residual": residual, "converged": converged}
         if fallback == "truncated":
@@ -142,6 +120,47 @@ def implicit(
     options = {"solver": solver, "maxiter": maxiter, "tol": tol, "alpha": alpha,
                "fallback": fallback, "window": window}
     return Estimator(estimate, "implicit", options)
+
+
+def stationary_hypergradient(
+    task: Task, phi: Any, params: Any, solve: Callable
+) -> tuple[jax.Array, Any, dict[str, Any]]:
+    """The implicit hypergradient at weights ``params`` taken as a stationary point of
+    the training loss (Pedregosa 2016, eq. 4; Lorraine et al. 2020, eq. 3).
+
+    Solves ``H v = grad_w val_loss`` with ``solve(hvp, g) -> (v, iterations)`` (``H`` the
+    training loss's Hessian, by Hessian-vector products) and differentiates
+    ``val_loss(w, phi) - grad_w train_loss(w, phi) . v`` in ``phi`` with ``w`` and ``v``
+    held fixed. Hyperparameters are read as at the last inner step.
+
+    Returns:
+      ``(value, grad, info)``: the validation loss, the hypergradient, and ``info`` with
+      ``v``, ``iterations`` and ``residual`` (``|g - H v| / |g|``).
+    """
+    last = task.steps - 1
+    hp = task.space.at_step(jax.lax.stop_gradient(task.space.constrain(phi)), last)
+    w, unravel = ravel_pytree(params)
+
+    def train_grad(w, hparams):
+        return ravel_pytree(jax.grad(task.train_loss)(unravel(w), hparams, task.train_data))[0]
+
+    def hvp(v):
+        return jax.jvp(lambda w: train_grad(w, hp), (w,), (v,))[1]
+
+    value, g = jax.value_and_grad(lambda w: task.val_loss(unravel(w), hp, task.val_data))(w)
+    v, iterations = solve(hvp, g)
+    gnorm = jnp.linalg.norm(g)
+    rnorm = jnp.linalg.norm(g - hvp(v))
+    residual = jnp.where(gnorm > 0, rnorm / jnp.where(gnorm > 0, gnorm, 1), rnorm)
+    v = jax.lax.stop_gradient(v)
+
+    def lagrangian(p):
+        hparams = task.space.at_step(task.space.constrain(p), last)
+        return task.val_loss(params, hparams, task.val_data) - jnp.vdot(
+            train_grad(w, hparams), v)
+
+    grad = jax.grad(lagrangian)(phi)
+    return value, grad, {"v": v, "iterations": iterations, "residual": residual}
 
 
 def _refuse_optimizer_hparams(task: Task) -> None:
