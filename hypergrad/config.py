@@ -19,6 +19,7 @@ OUTERS = ("gd", "ncg", "adam")
 ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
 SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
+HVPS = ("forward", "reverse")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
 
@@ -49,6 +50,9 @@ class Config:
       checkpoint: ``none`` stores every inner step for the backward pass; ``step``
         stores each step's weights; an integer k stores the weights every k steps and
         recomputes the rest; ``nested`` checkpoints at two levels (memory ~ sqrt(T)).
+      hvp: how ``reverse`` and ``truncated`` backpropagate through each inner step's
+        gradient: ``forward`` (a forward-over-reverse Hessian-vector product; stores only
+        each step's inputs) or ``reverse`` (plain autodiff; stores every activation).
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).
@@ -94,6 +98,7 @@ class Config:
     data_dir: str = dataclasses.field(default="", metadata={"key": "data.data_dir"})
     loss: str = "mse"
     checkpoint: str = "none"
+    hvp: str = "forward"
     dtype: str = "float32"
     save_every: int = 5
     estimator: str = "reverse"
@@ -159,6 +164,7 @@ class Config:
                               "inner learning rate): --set solver_step=0.01")
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
+        _one_of(self, "hvp", HVPS)
         try:
             check_name(self.data)
         except DataError as e:

@@ -178,12 +178,76 @@ def by_name(name: str, **fixed: Any) -> InnerOptimizer:
     return makers[name](**fixed)
 
 
+HVP_MODES = ("reverse", "forward")
+SymbolicZero = jax.custom_derivatives.SymbolicZero
+
+
+def _check_hvp(hvp: Any) -> str:
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp must be 'forward' or 'reverse', got {hvp!r}")
+    return hvp
+
+
+def value_and_grad(train_loss: Callable, hvp: str = "reverse") -> Callable:
+    """``(params, hparams, batch) -> (loss, grad_params)`` of ``train_loss``.
+
+    ``hvp`` decides how reverse mode differentiates *through* this gradient, which is
+    what the reverse pass of an unroll spends its time on:
+
+    - ``"reverse"``: plain ``jax.value_and_grad``; reverse-over-reverse, storing the
+      gradient computation's intermediates. Works under every transformation.
+    - ``"forward"``: a ``jax.custom_vjp`` whose backward rule is one forward-over-reverse
+      Hessian-vector product. With ``g = grad_w L(w, h)`` and cotangent ``u`` on ``g``,
+      ``(dg/dw)^T u = H_ww u`` and ``(dg/dh)^T u = H_hw u`` because the Hessian of ``L``
+      in ``(w, h)`` is symmetric, so both come from ``jax.jvp`` of ``grad_(w, h) L`` along
+      ``(u, 0)``. The forward pass keeps only the inputs (weights, hyperparameters,
+      batch), not the activations. Same result up to rounding; faster and far leaner
+      on the seed CNN (``scripts/bench_unroll.py``), but not forward-differentiable (a
+      ``custom_vjp``), and the training data must not be differentiated (make them a
+      hyperparameter instead): that raises ``ValueError``.
+    """
+    if _check_hvp(hvp) == "reverse":
+        return jax.value_and_grad(train_loss)
+
+    @jax.custom_vjp
+    def vg(params, hparams, batch):
+        return jax.value_and_grad(train_loss)(params, hparams, batch)
+
+    def fwd(params, hparams, batch):
+        if any(leaf.perturbed for leaf in jax.tree.leaves(batch)):
+            raise ValueError(
+                "hvp='forward' does not differentiate the training data; use hvp='reverse' "
+                "or read the data from hparams")
+        p, h, b = (jax.tree.map(lambda x: x.value, t) for t in (params, hparams, batch))
+        return vg(p, h, b), (p, h, b)
+
+    def bwd(res, cotangents):
+        params, hparams, batch = res
+        loss_ct, grad_ct = cotangents
+        grad_ct = jax.tree.map(_instantiate, grad_ct, params)
+        joint = lambda p: jax.grad(train_loss, argnums=(0, 1))(p, hparams, batch)  # noqa: E731
+        grads, hvps = jax.jvp(joint, (params,), (grad_ct,))
+        if not isinstance(loss_ct, SymbolicZero):  # d loss / d(w, h) = the gradient
+            hvps = jax.tree.map(lambda a, g: a + loss_ct * g, hvps, grads)
+        return (*hvps, None)
+
+    vg.defvjp(fwd, bwd, symbolic_zeros=True)
+    return vg
+
+
+def _instantiate(ct: Any, like: jax.Array) -> jax.Array:
+    return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
+
+
 def train_step(
     train_loss: Callable, optimizer: InnerOptimizer, hparams: Mapping[str, Any],
-    state: InnerState, batch: PyTree,
+    state: InnerState, batch: PyTree, *, hvp: str = "reverse",
 ) -> tuple[InnerState, jax.Array]:
-    """One differentiable training step; returns the new state and the batch loss."""
-    loss, grads = jax.value_and_grad(train_loss)(state.params, hparams, batch)
+    """One differentiable training step; returns the new state and the batch loss.
+
+    ``hvp`` is how reverse mode differentiates through the step's gradient (see
+    :func:`value_and_grad`)."""
+    loss, grads = value_and_grad(train_loss, hvp)(state.params, hparams, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, hparams)
     params = jax.tree.map(jnp.add, state.params, updates)
     return InnerState(params, opt_state), loss

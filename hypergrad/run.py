@@ -90,7 +90,7 @@ def estimator_for(config: Config) -> Estimator:
     """The hypergradient estimator a config asks for."""
     checkpoint = config.checkpoint_policy()
     if config.estimator == "truncated":
-        return estimators.truncated(config.window, checkpoint=checkpoint)
+        return estimators.truncated(config.window, checkpoint=checkpoint, hvp=config.hvp)
     if config.estimator == "forward":
         return estimators.forward()
     if config.estimator == "reversible":
@@ -98,7 +98,7 @@ def estimator_for(config: Config) -> Estimator:
     if config.estimator == "implicit":
         return estimators.implicit(config.solver, maxiter=config.maxiter, tol=config.tol,
                                    alpha=config.solver_step)
-    return estimators.reverse(checkpoint=checkpoint)
+    return estimators.reverse(checkpoint=checkpoint, hvp=config.hvp)
 
 
 def outer_for(config: Config) -> optax.GradientTransformationExtraArgs:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hypergrad.inner import InnerState, train_step
+from hypergrad.inner import InnerState, _check_hvp, train_step
 from hypergrad.task import Task
 
 PyTree = Any
@@ -101,7 +101,7 @@ def start(task: Task, hparams: Any, key: jax.Array) -> tuple[InnerState, jax.Arr
 
 def resume(
     task: Task, hparams: Any, state: InnerState, data_key: jax.Array, begin: int,
-    end: int | None = None, *, checkpoint: Any = None,
+    end: int | None = None, *, checkpoint: Any = None, hvp: str = "reverse",
 ) -> tuple[InnerState, jax.Array]:
     """Run inner steps ``begin, ..., end - 1`` of the training run from ``state``.
 
@@ -113,7 +113,7 @@ def resume(
       state: the state before step ``begin``.
       data_key: the second key returned by :func:`start`.
       begin, end: the step range (Python ints); ``end`` defaults to ``task.steps``.
-      checkpoint: as in :func:`unroll`.
+      checkpoint, hvp: as in :func:`unroll`.
 
     Returns:
       ``(state, losses)``: the state after step ``end - 1`` and each step's batch loss.
@@ -123,12 +123,13 @@ def resume(
         raise ValueError(f"need 0 <= begin <= end <= steps={task.steps}, got {begin}, {end}")
     if end == begin:
         return state, jnp.zeros((0,), jnp.result_type(float))
-    return segment(task, hparams, state, data_key, begin, end - begin, checkpoint=checkpoint)
+    return segment(task, hparams, state, data_key, begin, end - begin, checkpoint=checkpoint,
+                   hvp=hvp)
 
 
 def segment(
     task: Task, hparams: Any, state: InnerState, data_key: jax.Array, begin: Any,
-    length: int, *, checkpoint: Any = None,
+    length: int, *, checkpoint: Any = None, hvp: str = "reverse",
 ) -> tuple[InnerState, jax.Array]:
     """Run ``length`` inner steps from step ``begin``, which may be a traced integer.
 
@@ -137,6 +138,7 @@ def segment(
     keeps ``begin + length <= task.steps``.
     """
     every = _check_policy(checkpoint)
+    _check_hvp(hvp)
     data = task.train_data
     space = task.space
     # Scheduled hyperparameters enter each step as scan inputs (their values at steps
@@ -147,7 +149,7 @@ def segment(
     def step(s, idx, values):
         batch = data if idx is None else jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return train_step(task.train_loss, task.optimizer, space.expand(hparams, values), s,
-                          batch)
+                          batch, hvp=hvp)
 
     if task.batch_size is None:
         idx = None
@@ -165,7 +167,8 @@ def segment(
 
 
 def unroll(
-    task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any = None
+    task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any = None,
+    hvp: str = "reverse",
 ) -> tuple[PyTree, jax.Array]:
     """Train for ``task.steps`` inner steps from the task's initial weights.
 
@@ -178,18 +181,22 @@ def unroll(
         ``"step"`` keeps only each step's weights; an integer k keeps the weights every k
         steps and recomputes the rest; ``"nested"`` checkpoints at two levels (memory
         ~ sqrt(T) states, about one extra forward pass).
+      hvp: how reverse mode differentiates through each step's gradient:
+        ``"reverse"`` (plain autodiff, works under every transformation) or
+        ``"forward"`` (one forward-over-reverse Hessian-vector product per step, keeping
+        only each step's inputs; see :func:`hypergrad.inner.value_and_grad`).
 
     Returns:
       ``(params_T, train_losses)``, the trained weights and each step's batch loss.
     """
     _check_policy(checkpoint)
     state, data_key = start(task, hparams, key)
-    state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint)
+    state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint, hvp=hvp)
     return state.params, losses
 
 
 def objective(
-    task: Task, phi: Any, key: jax.Array, *, checkpoint: Any = None
+    task: Task, phi: Any, key: jax.Array, *, checkpoint: Any = None, hvp: str = "reverse",
 ) -> tuple[jax.Array, dict[str, Any]]:
     """The outer objective: validation loss after training with ``space.constrain(phi)``.
 
@@ -198,13 +205,14 @@ def objective(
       ``train_losses`` (every step's) and ``params`` (the trained weights).
     """
     hparams = task.space.constrain(phi)
-    params, losses = unroll(task, hparams, key, checkpoint=checkpoint)
+    params, losses = unroll(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
     value = task.validation_loss(params, hparams)
     return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
 
 
 def truncated_unroll(
-    task: Task, hparams: Any, key: jax.Array, window: int, *, checkpoint: Any = None
+    task: Task, hparams: Any, key: jax.Array, window: int, *, checkpoint: Any = None,
+    hvp: str = "reverse",
 ) -> tuple[PyTree, jax.Array]:
     """:func:`unroll`, but gradients flow only through the last ``window`` steps.
 
@@ -217,20 +225,23 @@ def truncated_unroll(
     state, data_key = start(task, hparams, key)
     cut = max(task.steps - window, 0)
     if cut == 0:
-        state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint)
+        state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint,
+                               hvp=hvp)
         return state.params, losses
     state, head = resume(task, hparams, state, data_key, 0, cut)
     state = jax.lax.stop_gradient(state)
-    state, tail = resume(task, hparams, state, data_key, cut, checkpoint=checkpoint)
+    state, tail = resume(task, hparams, state, data_key, cut, checkpoint=checkpoint, hvp=hvp)
     return state.params, jnp.concatenate([head, tail])
 
 
 def truncated_objective(
-    task: Task, phi: Any, key: jax.Array, window: int, *, checkpoint: Any = None
+    task: Task, phi: Any, key: jax.Array, window: int, *, checkpoint: Any = None,
+    hvp: str = "reverse",
 ) -> tuple[jax.Array, dict[str, Any]]:
     """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient."""
     hparams = task.space.constrain(phi)
-    params, losses = truncated_unroll(task, hparams, key, window, checkpoint=checkpoint)
+    params, losses = truncated_unroll(task, hparams, key, window, checkpoint=checkpoint,
+                                      hvp=hvp)
     value = task.validation_loss(params, hparams)
     return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
 

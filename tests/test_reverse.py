@@ -185,3 +185,95 @@ def test_logistic_regression_model_against_central_differences():
     task, _ = classification(model, data, space, steps=10, batch_size=20, loss="ce")
     assert hg.check_hypergrad(hg.estimators.reverse(), task, space.init(),
                               jax.random.key(0)) <= 1e-6
+
+
+def _rich_cnn_task():
+    """The tiny CNN with every kind of hyperparameter that enters the gradient: per-layer
+    slopes, loss mix, label smoothing, per-example weights, a per-step learning rate."""
+    from hypergrad.task import seed_cnn
+
+    data = hg.data.load("digits", train_size=60, val_size=30, test_size=10,
+                        dtype=jnp.float64)
+    space = hg.HyperSpace({
+        "learning_rate": hg.positive(0.1, schedule="per_step"), "momentum": hg.unit(0.5),
+        "weight_decay": hg.positive(1e-3, per="layer"),
+        "leaky_slope": hg.bounded(0.1, 0.0, 1.0, per="layer"),
+        "loss_mix": hg.unit(0.3), "label_smoothing": hg.unit(0.1),
+        "example_weight": hg.real(np.zeros(60))})
+    task, _ = seed_cnn(data, space, steps=6, batch_size=10, channels=(3, 4, 4),
+                       dtype=jnp.float64)
+    return task
+
+
+@pytest.mark.parametrize("checkpoint", [None, "step", 4, "nested"])
+def test_forward_over_reverse_hvp_equals_reverse_over_reverse(checkpoint):
+    # The default hvp="forward" backpropagates through each step's gradient with a
+    # Hessian-vector product by jvp; it must give the plain autodiff hypergradient.
+    task = _rich_cnn_task()
+    phi = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
+                       task.space.init())
+    key = jax.random.key(2)
+    v0, g0, _ = hg.estimators.reverse(checkpoint, hvp="reverse")(task, phi, key)
+    v1, g1, _ = hg.estimators.reverse(checkpoint, hvp="forward")(task, phi, key)
+    np.testing.assert_allclose(v1, v0, rtol=1e-13)
+    for name in phi:
+        assert np.max(np.abs(g0[name])) > 1e-8, name  # every kind has a gradient
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10, atol=1e-14 * np.max(
+            np.abs(g0[name])), err_msg=name)
+
+
+def test_forward_over_reverse_hvp_against_central_differences():
+    task = _rich_cnn_task()
+    for est in (hg.estimators.reverse(hvp="forward"),
+                hg.estimators.truncated(4, hvp="forward")):
+        ref = hg.estimators.reverse(hvp="reverse") if est.name == "reverse" else \
+            hg.estimators.truncated(4, hvp="reverse")
+        phi, key = task.space.init(), jax.random.key(0)
+        _, g, _ = est(task, phi, key)
+        _, g_ref, _ = ref(task, phi, key)
+        for name in phi:
+            np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-10,
+                                       atol=1e-14 * np.max(np.abs(g_ref[name])))
+    # The space is not all scalars, so the directions are random ones over all of phi.
+    records = hg.directional_errors(hg.estimators.reverse(hvp="forward"), task,
+                                    task.space.init(), jax.random.key(0))
+    assert len(records) >= 4
+    for r in records:
+        assert abs(r["analytic"]) > 1e-8, r
+        assert r["rel_error"] <= 1e-6, r
+
+
+def test_forward_over_reverse_hvp_with_adam_and_a_used_training_loss():
+    # Adam's update is not linear in the gradient, and here the objective also reads the
+    # training losses, so the loss output's cotangent is not zero.
+    task = logreg_task(steps=10).replace(
+        optimizer=hg.inner.adam(), space=hg.HyperSpace({
+            "learning_rate": hg.positive(0.05), "b1": hg.unit(0.8),
+            "weight_decay": hg.positive(1e-2)}))
+    phi, key = task.space.init(), jax.random.key(0)
+
+    def objective(hvp):
+        def f(p):
+            value, aux = hg.unroll.objective(task, p, key, hvp=hvp)
+            return value + 0.1 * jnp.sum(aux["train_losses"])
+        return jax.grad(f)(phi)
+
+    g0, g1 = objective("reverse"), objective("forward")
+    for name in phi:
+        assert abs(g0[name]) > 1e-6
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-11)
+
+
+def test_forward_over_reverse_hvp_refuses_differentiated_training_data():
+    task = logreg_task(steps=3)
+    phi, key = task.space.init(), jax.random.key(0)
+
+    def f(x, hvp):
+        t = task.replace(train_data=(x, task.train_data[1]))
+        return hg.unroll.objective(t, phi, key, hvp=hvp)[0]
+
+    assert np.all(np.isfinite(jax.grad(f)(task.train_data[0], "reverse")))
+    with pytest.raises(ValueError, match="hvp='forward' does not differentiate the training"):
+        jax.grad(f)(task.train_data[0], "forward")
+    with pytest.raises(ValueError, match="hvp must be 'forward' or 'reverse'"):
+        hg.estimators.reverse(hvp="both")

@@ -7,11 +7,12 @@ from typing import Any
 import jax
 
 from hypergrad.estimators.base import Estimator
+from hypergrad.inner import _check_hvp
 from hypergrad.task import Task
 from hypergrad.unroll import _check_policy, objective
 
 
-def reverse(checkpoint: Any = None) -> Estimator:
+def reverse(checkpoint: Any = None, hvp: str = "forward") -> Estimator:
     """Backpropagate the validation loss through all T inner steps.
 
     Exact up to floating point; memory grows with T unless a checkpoint policy trades it
@@ -21,17 +22,24 @@ def reverse(checkpoint: Any = None) -> Estimator:
       checkpoint: ``None`` (store every step), ``"step"`` (store each step's weights and
         recompute activations), an integer k (store the weights every k steps) or
         ``"nested"`` (two levels: about sqrt(T) stored states, one extra forward pass).
+      hvp: ``"forward"`` (default) backpropagates through each inner step's gradient
+        with one forward-over-reverse Hessian-vector product, keeping only the step's
+        inputs; ``"reverse"`` is plain reverse-over-reverse autodiff, which stores every
+        step's activations and is needed to differentiate the training data or to push
+        tangents through the estimator (see :func:`hypergrad.inner.value_and_grad`).
+        Both give the same hypergradient up to rounding.
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``grad`` is shaped like
       ``phi`` and ``aux`` holds ``train_loss``, ``train_losses`` and the trained ``params``.
     """
     _check_policy(checkpoint)
+    _check_hvp(hvp)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         (value, aux), grad = jax.value_and_grad(
-            lambda p: objective(task, p, key, checkpoint=checkpoint), has_aux=True
+            lambda p: objective(task, p, key, checkpoint=checkpoint, hvp=hvp), has_aux=True
         )(phi)
         return value, grad, aux
 
-    return Estimator(estimate, "reverse", {"checkpoint": checkpoint})
+    return Estimator(estimate, "reverse", {"checkpoint": checkpoint, "hvp": hvp})

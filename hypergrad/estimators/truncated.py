@@ -7,11 +7,12 @@ from typing import Any
 import jax
 
 from hypergrad.estimators.base import Estimator
+from hypergrad.inner import _check_hvp
 from hypergrad.task import Task
 from hypergrad.unroll import _check_policy, _check_window, truncated_objective
 
 
-def truncated(window: int, checkpoint: Any = None) -> Estimator:
+def truncated(window: int, checkpoint: Any = None, hvp: str = "forward") -> Estimator:
     """Backpropagate the validation loss through the last ``window`` inner steps only.
 
     The first ``T - K`` steps train as usual but their final state is treated as a
@@ -25,6 +26,8 @@ def truncated(window: int, checkpoint: Any = None) -> Estimator:
       window: K, the number of final steps differentiated (a positive integer).
       checkpoint: the checkpoint policy for those K steps, as in
         :func:`hypergrad.estimators.reverse`.
+      hvp: how to backpropagate through each step's gradient, as in
+        :func:`hypergrad.estimators.reverse`.
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``value`` is the exact
@@ -32,12 +35,15 @@ def truncated(window: int, checkpoint: Any = None) -> Estimator:
     """
     _check_window(window)
     _check_policy(checkpoint)
+    _check_hvp(hvp)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         (value, aux), grad = jax.value_and_grad(
-            lambda p: truncated_objective(task, p, key, window, checkpoint=checkpoint),
+            lambda p: truncated_objective(task, p, key, window, checkpoint=checkpoint,
+                                         hvp=hvp),
             has_aux=True,
         )(phi)
         return value, grad, aux
 
-    return Estimator(estimate, "truncated", {"window": window, "checkpoint": checkpoint})
+    return Estimator(estimate, "truncated", {"window": window, "checkpoint": checkpoint,
+                                              "hvp": hvp})
