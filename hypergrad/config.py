@@ -53,6 +53,8 @@ class Config:
       hvp: how ``reverse`` and ``truncated`` backpropagate through each inner step's
         gradient: ``forward`` (a forward-over-reverse Hessian-vector product; stores only
         each step's inputs) or ``reverse`` (plain autodiff; stores every activation).
+      val_batch_size: evaluate and differentiate the validation loss in chunks of this
+        many examples (0: all at once); bounds the memory a large validation set takes.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).
@@ -99,6 +101,7 @@ class Config:
     loss: str = "mse"
     checkpoint: str = "none"
     hvp: str = "forward"
+    val_batch_size: int = 0
     dtype: str = "float32"
     save_every: int = 5
     estimator: str = "reverse"
@@ -172,6 +175,7 @@ class Config:
         _at_least(self, "data_train_size", 1)
         _at_least(self, "data_val_size", 1)
         _at_least(self, "data_test_size", 0)
+        _at_least(self, "val_batch_size", 0)
         _one_of(self, "dtype", DTYPES)
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ConfigError(f"outer_lr must be > 0 (or none for the default), got "

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hypergrad.hparams import HyperSpace
@@ -37,6 +38,10 @@ class Task:
       steps: the horizon T, the number of inner steps.
       batch_size: examples per inner step, drawn without replacement within an epoch;
         ``None`` trains on the full batch.
+      val_batch_size: evaluate (and differentiate) the validation loss in chunks of this
+        many examples, one chunk's activations in memory at a time, and average them
+        weighted by size; ``None`` takes all of ``val_data`` at once. Only for a
+        ``val_loss`` that is a mean over examples (every built-in task's is).
     """
 
     params: PyTree | Callable[[jax.Array, Any], PyTree]
@@ -48,6 +53,7 @@ class Task:
     optimizer: InnerOptimizer
     steps: int
     batch_size: int | None = None
+    val_batch_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -63,6 +69,9 @@ class Task:
             b = self.batch_size
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
                 raise ValueError(f"batch_size must be an integer in [1, {n}] or None, got {b!r}")
+        c = self.val_batch_size
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"val_batch_size must be a positive integer or None, got {c!r}")
         # Lay granular and scheduled hyperparameters out for these weights and this T.
         object.__setattr__(self, "space", self.space.resolve(self._param_shapes(), self.steps))
         _check_reads(self)
@@ -94,8 +103,32 @@ class Task:
 
     def validation_loss(self, params: PyTree, hparams: Any) -> jax.Array:
         """``val_loss`` on all of ``val_data``, with ``hparams`` as read at the last step."""
-        return self.val_loss(params, self.space.at_step(hparams, self.steps - 1),
-                             self.val_data)
+        return self.mean_val_loss(params, self.space.at_step(hparams, self.steps - 1))
+
+    def mean_val_loss(self, params: PyTree, hp: Any) -> jax.Array:
+        """``val_loss(params, hp, val_data)`` with ``hp`` already read at a step; in
+        chunks of ``val_batch_size`` (a ``lax.scan`` whose body is rematerialized, so the
+        backward pass also holds one chunk at a time) when that is set."""
+        data, size = self.val_data, self.val_batch_size
+        n = jax.tree.leaves(data)[0].shape[0]
+        if size is None or size >= n:
+            return self.val_loss(params, hp, data)
+        full, rest = divmod(n, size)
+
+        def add(total, chunk):
+            return total + self.val_loss(params, hp, chunk), None
+
+        chunks = jax.tree.map(lambda a: a[: full * size].reshape(full, size, *a.shape[1:]),
+                              data)
+        out = jax.eval_shape(lambda: self.val_loss(params, hp,
+                                                   jax.tree.map(lambda a: a[0], chunks)))
+        total, _ = jax.lax.scan(jax.checkpoint(add, prevent_cse=False),
+                                jnp.zeros(out.shape, out.dtype), chunks)
+        total = total * size
+        if rest:
+            total = total + rest * self.val_loss(params, hp,
+                                                 jax.tree.map(lambda a: a[full * size:], data))
+        return total / n
 
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
@@ -162,18 +195,19 @@ def _flatten(task: Task):
     fn = task.params if callable(task.params) else None
     arrays = None if fn is not None else task.params
     static = (fn, task.train_loss, task.val_loss, task.space, task.optimizer,
-              task.steps, task.batch_size)
+              task.steps, task.batch_size, task.val_batch_size)
     return (arrays, task.train_data, task.val_data), static
 
 
 def _unflatten(static, children) -> Task:
     # Bypass __post_init__: under a transformation the leaves may be tracers or objects.
     task = object.__new__(Task)
-    fn, train_loss, val_loss, space, optimizer, steps, batch_size = static
+    fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size = static
     arrays, train_data, val_data = children
     values = dict(params=fn if fn is not None else arrays, train_loss=train_loss,
                   val_loss=val_loss, train_data=train_data, val_data=val_data, space=space,
-                  optimizer=optimizer, steps=steps, batch_size=batch_size)
+                  optimizer=optimizer, steps=steps, batch_size=batch_size,
+                  val_batch_size=val_batch_size)
     for name, value in values.items():
         object.__setattr__(task, name, value)
     return task
@@ -188,6 +222,7 @@ MODEL_HPARAMS = ("leaky_slope", "loss_mix", "label_smoothing", "init_scale", "ex
 def classification(
     model: Any, data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", optimizer: InnerOptimizer | None = None, slope: float = 0.0,
+    val_batch_size: int | None = None,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """A classification task from an NNX model called as ``model(x, slope)``.
 
@@ -215,12 +250,11 @@ def classification(
       loss: ``"mse"`` on one-hot targets or ``"ce"``.
       optimizer: the inner optimizer; :func:`hypergrad.inner.sgd` by default.
       slope: the fixed leaky-ReLU slope when the space does not tune it.
+      val_batch_size: the validation loss's chunk size (see :class:`Task`).
 
     Returns:
       ``(task, predict)`` with ``predict(params, hparams, x) -> logits``.
     """
-    import jax.numpy as jnp
-
     from hypergrad import models
     from hypergrad.inner import lookup, per_leaf, sgd
 
@@ -287,7 +321,8 @@ def classification(
     space = space.resolve(params, steps, targets)
     task = Task(params=init, train_loss=train_loss, val_loss=val_loss,
                 train_data=train_data, val_data=data.val, space=space,
-                optimizer=optimizer or sgd(), steps=steps, batch_size=batch_size)
+                optimizer=optimizer or sgd(), steps=steps, batch_size=batch_size,
+                val_batch_size=val_batch_size)
     return task, predict
 
 
@@ -306,6 +341,7 @@ def seed_cnn(
     data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", seed: int = 0, channels: tuple[int, ...] = (8, 16, 16),
     conv: str = "auto", dtype: Any = None, optimizer: InnerOptimizer | None = None,
+    val_batch_size: int | None = None,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """The seed CNN (three 3x3 convolutions with leaky ReLU, a dense head) on ``data``.
 
@@ -322,4 +358,4 @@ def seed_cnn(
                     num_classes=data.num_classes, image_shape=tuple(image_shape), conv=conv,
                     param_dtype=dtype or data.train[0].dtype)
     return classification(model, data, space, steps=steps, batch_size=batch_size, loss=loss,
-                          optimizer=optimizer)
+                          optimizer=optimizer, val_batch_size=val_batch_size)

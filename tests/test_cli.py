@@ -43,6 +43,12 @@ def test_check_is_below_tolerance(estimator, capsys):
     assert out.strip().endswith("ok")
 
 
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+def test_check_with_chunked_validation_and_each_hvp(hvp, capsys):
+    assert main(["check", *TINY, "--set", "val_batch_size=7", "--set", f"hvp={hvp}"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+
+
 def test_check_shows_the_bias_of_a_short_truncation(capsys):
     assert main(["check", *TINY, "--set", "estimator=truncated", "--set", "window=1"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAILED")
@@ -102,6 +108,8 @@ BAD_SETS = [
     (["meta_steps=-1"], "meta_steps must be at least 1, got -1"),
     (["batch_size=many"], "batch_size must be an integer"),
     (["batch_size=5000"], "batch_size must be an integer in [1, 1000]"),
+    (["val_batch_size=-1"], "val_batch_size must be at least 0, got -1"),
+    (["hvp=both"], "hvp must be one of forward, reverse"),
     (["seed=-1"], "seed must be at least 0"),
     (["save_every=0"], "save_every must be at least 1"),
     (["checkpoint=-2"], "checkpoint must be none, step, nested or a positive integer"),

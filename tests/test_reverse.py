@@ -277,3 +277,19 @@ def test_forward_over_reverse_hvp_refuses_differentiated_training_data():
         jax.grad(f)(task.train_data[0], "forward")
     with pytest.raises(ValueError, match="hvp must be 'forward' or 'reverse'"):
         hg.estimators.reverse(hvp="both")
+
+
+@pytest.mark.parametrize("val_batch_size", [7, 10, 100])
+def test_chunked_validation_loss_changes_nothing(val_batch_size):
+    # 30 validation examples: chunks that divide them, leave a remainder, or exceed them.
+    task = _rich_cnn_task()
+    phi, key = task.space.init(), jax.random.key(1)
+    chunked = task.replace(val_batch_size=val_batch_size)
+    v0, g0, _ = hg.estimators.reverse()(task, phi, key)
+    v1, g1, _ = hg.estimators.reverse()(chunked, phi, key)
+    np.testing.assert_allclose(v1, v0, rtol=1e-13)
+    for name in phi:
+        np.testing.assert_allclose(g1[name], g0[name], rtol=1e-10,
+                                   atol=1e-14 * np.max(np.abs(g0[name])))
+    with pytest.raises(ValueError, match="val_batch_size must be a positive integer"):
+        task.replace(val_batch_size=0)

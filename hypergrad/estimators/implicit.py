@@ -147,7 +147,7 @@ def stationary_hypergradient(
     def hvp(v):
         return jax.jvp(lambda w: train_grad(w, hp), (w,), (v,))[1]
 
-    value, g = jax.value_and_grad(lambda w: task.val_loss(unravel(w), hp, task.val_data))(w)
+    value, g = jax.value_and_grad(lambda w: task.mean_val_loss(unravel(w), hp))(w)
     v, iterations = solve(hvp, g)
     gnorm = jnp.linalg.norm(g)
     rnorm = jnp.linalg.norm(g - hvp(v))
@@ -156,7 +156,7 @@ def stationary_hypergradient(
 
     def lagrangian(p):
         hparams = task.space.at_step(task.space.constrain(p), last)
-        return task.val_loss(params, hparams, task.val_data) - jnp.vdot(
+        return task.mean_val_loss(params, hparams) - jnp.vdot(
             train_grad(w, hparams), v)
 
     grad = jax.grad(lagrangian)(phi)
