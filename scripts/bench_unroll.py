@@ -5,14 +5,18 @@ Run:  python scripts/bench_unroll.py [--quick] [--json FILE]
 
 The default grid is the seed CNN at T = 100, 200 and 1000 and an MLP (64-50-50-10) on digits at
 T = 10 000, batch 100, with: plain training; reverse without checkpointing, every 10 steps
-and "nested"; truncated (window 20); forward; implicit; reversible. With ``--granular``,
+and "nested"; truncated (window 20); forward; implicit; reversible. ``--hvp forward
+reverse`` times reverse and truncated both ways (default: ``forward``, the library's);
+``--val-batch-size N`` chunks the validation loss (default: all at once). With ``--granular``,
 reverse also runs on the CNN with a per-layer x per-step learning rate and a per-parameter
 weight decay (rows marked ``*``), and ``granular_over_scalar`` is its time over the
 all-scalar space's with the same checkpoint policy. Each case runs in a
 fresh Python process (the script re-invokes itself with ``--case JSON``) and reports
 
 - time: median of repeats after a warm-up (repeats chosen so a case runs about
-  ``--budget`` seconds, between 1 and ``--repeats``), and the ratio to plain training;
+  ``--budget`` seconds, between 1 and ``--repeats``), and the ratio to plain training
+  compiled in the same process and timed alternately with the estimator (so a machine
+  that is busier this minute than the last does not move the ratio);
 - compile time of the jitted function;
 - XLA's own memory numbers, ``jax.jit(f).lower(...).compile().memory_analysis()``:
   argument + output + temp bytes, exact and independent of the allocator;
@@ -84,26 +88,30 @@ def run_case(case: dict) -> dict:
     data = hg.data.load("digits", seed=0)
     if case["model"] == "cnn":
         task, _ = seed_cnn(data, space, steps=case["T"], batch_size=case["batch_size"],
-                           conv=case["conv"])
+                           conv=case["conv"], val_batch_size=case["val_batch_size"] or None)
         if optimizer is not None:
             task = task.replace(optimizer=optimizer)
     else:
         model = hg.models.MLP(nnx.Rngs(0), sizes=(64, 50, 50, 10))
         task, _ = classification(model, data, space, steps=case["T"],
-                                 batch_size=case["batch_size"], optimizer=optimizer)
+                                 batch_size=case["batch_size"], optimizer=optimizer,
+                                 val_batch_size=case["val_batch_size"] or None)
     phi, key = task.space.init(jnp.float32), jax.random.key(0)
 
     ck = case["checkpoint"]
     checkpoint = None if ck in (None, "none") else (ck if ck in ("step", "nested") else int(ck))
     extras = {}
+
+    def train(t, p, k):
+        return unroll(t, t.space.constrain(p), k)[0]
+
     if est_name == "train":
-        def fn(t, p, k):
-            return unroll(t, t.space.constrain(p), k)[0]
+        fn = train
     else:
         if est_name == "reverse":
-            est = hg.estimators.reverse(checkpoint)
+            est = hg.estimators.reverse(checkpoint, hvp=case["hvp"])
         elif est_name == "truncated":
-            est = hg.estimators.truncated(case["window"], checkpoint)
+            est = hg.estimators.truncated(case["window"], checkpoint, hvp=case["hvp"])
         elif est_name == "forward":
             est = hg.estimators.forward()
         elif est_name == "implicit":
@@ -139,14 +147,21 @@ def run_case(case: dict) -> dict:
                    rss_peak_bytes=None, rss_run_bytes=None)
         return row
 
+    # Plain training is compiled and timed in this process too, alternating with the
+    # estimator, so the ratio does not depend on how fast the machine is this minute.
+    plain = compiled if est_name == "train" else jax.jit(train).lower(task, phi, key).compile()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # implicit's NotConvergedWarning (tol=0 on purpose)
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(task, phi, key))  # warm-up
         first = time.perf_counter() - t0
+        jax.block_until_ready(plain(task, phi, key))
         repeats = max(1, min(case["repeats"], int(case["budget"] / max(first, 1e-6))))
-        times = []
+        times, train_times = [], []
         for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(plain(task, phi, key))
+            train_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             out = jax.block_until_ready(compiled(task, phi, key))
             times.append(time.perf_counter() - t0)
@@ -156,6 +171,7 @@ def run_case(case: dict) -> dict:
         grad = jax.tree.leaves(out[0])
         extras["grad_finite"] = bool(all(bool(jnp.all(jnp.isfinite(g))) for g in grad))
     row.update(seconds=statistics.median(times), repeats=repeats, rss_peak_bytes=rss_peak,
+               train_seconds_same_process=statistics.median(train_times),
                rss_run_bytes=max(0, rss_peak - max(rss_setup, rss_compiled)), **extras)
     return row
 
@@ -172,24 +188,27 @@ def grid(args) -> list[dict]:
     """All cases, each plain-training case first within its (model, T, x64) group."""
     base = {"batch_size": args.batch_size, "repeats": args.repeats, "budget": args.budget,
             "max_bytes": args.max_bytes, "implicit_iters": args.implicit_iters,
-            "window": args.window}
+            "window": args.window, "val_batch_size": args.val_batch_size}
     groups = [("cnn", t, conv) for t in args.steps for conv in args.conv]
     groups += [("mlp", t, None) for t in args.mlp_steps]
     cases = []
     for model, T, conv in groups:
         common = dict(base, model=model, T=T, conv=conv)
-        ests = [("train", None, False)]
+        ests = [("train", None, False, None)]
         for e in args.estimators:
             if e == "reverse":
-                ests += [("reverse", ck, False) for ck in args.checkpoint]
+                ests += [("reverse", ck, False, h) for h in args.hvp for ck in args.checkpoint]
                 if args.granular and model == "cnn":
-                    ests += [("reverse", ck, False, "granular") for ck in args.checkpoint]
+                    ests += [("reverse", ck, False, h, "granular") for h in args.hvp
+                             for ck in args.checkpoint]
+            elif e == "truncated":
+                ests += [("truncated", None, False, h) for h in args.hvp]
             elif e == "reversible":
-                ests += [("train", None, True), ("reversible", None, True)]
+                ests += [("train", None, True, None), ("reversible", None, True, None)]
             else:
-                ests.append((e, None, False))
-        for e, ck, x64, *space in ests:
-            cases.append(dict(common, estimator=e, checkpoint=ck, x64=x64,
+                ests.append((e, None, False, None))
+        for e, ck, x64, hvp, *space in ests:
+            cases.append(dict(common, estimator=e, checkpoint=ck, x64=x64, hvp=hvp,
                               space=space[0] if space else "scalar"))
     return cases
 
@@ -219,6 +238,10 @@ def main() -> None:
     p.add_argument("--estimators", nargs="+",
                    default=["reverse", "truncated", "forward", "implicit", "reversible"],
                    choices=["reverse", "truncated", "forward", "implicit", "reversible"])
+    p.add_argument("--hvp", nargs="+", default=["forward"], choices=["forward", "reverse"],
+                   help="how reverse and truncated backpropagate through each step's gradient")
+    p.add_argument("--val-batch-size", type=int, default=0,
+                   help="the validation loss's chunk size (0: all at once, the default)")
     p.add_argument("--granular", action="store_true",
                    help="also time reverse on the CNN with a per-layer x per-step learning "
                         "rate and a per-parameter weight decay (ratio to the scalar space)")
@@ -245,7 +268,8 @@ def main() -> None:
 
     import jax
     print(f"backend: {jax.default_backend()}, batch {args.batch_size}; one process per case")
-    print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'x64':>3} {'seconds':>9} "
+    print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'hvp':>3} {'x64':>3} "
+          f"{'seconds':>9} "
           f"{'ratio':>6} {'compile s':>9} {'XLA MiB':>9} {'mem ratio':>9} {'RSS MiB':>8} "
           f"{'rss ratio':>9}", flush=True)
     rows, train, scalar = [], {}, {}
@@ -255,13 +279,15 @@ def main() -> None:
         if case["estimator"] == "train":
             train[group] = r
         base = train.get(group, {})
-        ts, tx, tr = base.get("seconds"), base.get("xla_bytes"), base.get("rss_run_bytes")
+        tx, tr = base.get("xla_bytes"), base.get("rss_run_bytes")
+        ts = r.get("train_seconds_same_process")  # plain training, timed alongside
         hs = r.get("seconds")
-        same = (group, case["estimator"], str(case["checkpoint"]))
+        same = (group, case["estimator"], str(case["checkpoint"]), case["hvp"])
         if case["space"] == "scalar":
             scalar[same] = hs
         vs = scalar.get(same) if case["space"] == "granular" else None
         row = {"estimator": case["estimator"], "checkpoint": case["checkpoint"],
+               "hvp": case["hvp"], "val_batch_size": case["val_batch_size"],
                "space": case["space"],
                "granular_over_scalar": hs / vs if hs and vs else None,
                "model": case["model"], "conv": case["conv"], "T": case["T"],
@@ -283,7 +309,8 @@ def main() -> None:
         rss = r.get("rss_run_bytes")
         name = case["estimator"] + ("*" if case["space"] == "granular" else "")
         print(f"{case['model']:>5} {case['T']:>6} {name:>10} "
-              f"{_label(case['checkpoint']):>8} {'y' if case['x64'] else '':>3} "
+              f"{_label(case['checkpoint']):>8} {(case['hvp'] or '')[:3]:>3} "
+              f"{'y' if case['x64'] else '':>3} "
               f"{f(hs, '9.3f')} {f(row['ratio'], '6.2f')} "
               f"{f(row['compile_seconds'], '9.2f')} "
               f"{f(mib / 2**20 if mib else None, '9.2f')} "
