@@ -19,7 +19,7 @@ OUTERS = ("gd", "ncg", "adam")
 ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
 SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
-HVPS = ("forward", "reverse")
+HVPS = ("reverse", "forward")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
 
@@ -51,8 +51,8 @@ class Config:
         stores each step's weights; an integer k stores the weights every k steps and
         recomputes the rest; ``nested`` checkpoints at two levels (memory ~ sqrt(T)).
       hvp: how ``reverse`` and ``truncated`` backpropagate through each inner step's
-        gradient: ``forward`` (a forward-over-reverse Hessian-vector product; stores only
-        each step's inputs) or ``reverse`` (plain autodiff; stores every activation).
+        gradient: ``reverse`` (plain autodiff; stores every activation) or ``forward`` (a
+        forward-over-reverse Hessian-vector product; stores only each step's inputs).
       val_batch_size: evaluate and differentiate the validation loss in chunks of this
         many examples (0: all at once); bounds the memory a large validation set takes.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
@@ -100,7 +100,7 @@ class Config:
     data_dir: str = dataclasses.field(default="", metadata={"key": "data.data_dir"})
     loss: str = "mse"
     checkpoint: str = "none"
-    hvp: str = "forward"
+    hvp: str = "reverse"
     val_batch_size: int = 0
     dtype: str = "float32"
     save_every: int = 5

@@ -5,8 +5,9 @@ Run:  python scripts/bench_unroll.py [--quick] [--json FILE]
 
 The default grid is the seed CNN at T = 100, 200 and 1000 and an MLP (64-50-50-10) on digits at
 T = 10 000, batch 100, with: plain training; reverse without checkpointing, every 10 steps
-and "nested"; truncated (window 20); forward; implicit; reversible. ``--hvp forward
-reverse`` times reverse and truncated both ways (default: ``forward``, the library's);
+and "nested"; truncated (window 20); forward; implicit; reversible. ``--hvp reverse
+forward`` (the default) times reverse and truncated with both ways of backpropagating
+through a step's gradient (``hvp`` of :func:`hypergrad.estimators.reverse`);
 ``--val-batch-size N`` chunks the validation loss (default: all at once). With ``--granular``,
 reverse also runs on the CNN with a per-layer x per-step learning rate and a per-parameter
 weight decay (rows marked ``*``), and ``granular_over_scalar`` is its time over the
@@ -88,9 +89,8 @@ def run_case(case: dict) -> dict:
     data = hg.data.load("digits", seed=0)
     if case["model"] == "cnn":
         task, _ = seed_cnn(data, space, steps=case["T"], batch_size=case["batch_size"],
-                           conv=case["conv"], val_batch_size=case["val_batch_size"] or None)
-        if optimizer is not None:
-            task = task.replace(optimizer=optimizer)
+                           conv=case["conv"], val_batch_size=case["val_batch_size"] or None,
+                           optimizer=optimizer)
     else:
         model = hg.models.MLP(nnx.Rngs(0), sizes=(64, 50, 50, 10))
         task, _ = classification(model, data, space, steps=case["T"],
@@ -238,7 +238,8 @@ def main() -> None:
     p.add_argument("--estimators", nargs="+",
                    default=["reverse", "truncated", "forward", "implicit", "reversible"],
                    choices=["reverse", "truncated", "forward", "implicit", "reversible"])
-    p.add_argument("--hvp", nargs="+", default=["forward"], choices=["forward", "reverse"],
+    p.add_argument("--hvp", nargs="+", default=["reverse", "forward"],
+                   choices=["reverse", "forward"],
                    help="how reverse and truncated backpropagate through each step's gradient")
     p.add_argument("--val-batch-size", type=int, default=0,
                    help="the validation loss's chunk size (0: all at once, the default)")

@@ -207,8 +207,8 @@ def _rich_cnn_task():
 
 @pytest.mark.parametrize("checkpoint", [None, "step", 4, "nested"])
 def test_forward_over_reverse_hvp_equals_reverse_over_reverse(checkpoint):
-    # The default hvp="forward" backpropagates through each step's gradient with a
-    # Hessian-vector product by jvp; it must give the plain autodiff hypergradient.
+    # hvp="forward" backpropagates through each step's gradient with a Hessian-vector
+    # product by jvp; it must give the plain autodiff (default) hypergradient.
     task = _rich_cnn_task()
     phi = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
                        task.space.init())
