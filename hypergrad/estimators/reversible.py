@@ -30,8 +30,9 @@ plus ``m`` bits once (the first push into an empty buffer).
 The hypergradient is reverse-mode differentiation of the *straight-through surrogate*:
 the float dynamics above with ``mu`` in place of ``mu_q`` (``d mu_q / d mu = 1``) and each
 rounding ``Q`` treated as the identity, evaluated along the exact fixed-point trajectory.
-Its vector-Jacobian products (including the Hessian-vector product ``H dv``) come from
-``jax.vjp`` of one float step at the recovered ``(w_t, v_t)``.
+Its vector-Jacobian products come from ``jax.vjp`` of one float step at the recovered
+``(w_t, v_t)``, whose gradient is differentiated by a forward-over-reverse Hessian-vector
+product (:func:`hypergrad.inner.value_and_grad` with ``hvp="forward"``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from hypergrad.estimators.base import Estimator
-from hypergrad.inner import lookup, per_leaf
+from hypergrad.inner import lookup, per_leaf, value_and_grad
 from hypergrad.task import Task
 from hypergrad.unroll import batch_indices
 
@@ -312,7 +313,10 @@ def surrogate_step(prob: _Problem, fp: FixedPoint, w, v, hparams, x):
     t, idx = x
     lr, mu, wd = prob.vectors(hparams, t)
     mu = mu + jax.lax.stop_gradient(_n(mu, fp).astype(mu.dtype) / 2 ** fp.momentum_bits - mu)
-    g = jax.grad(prob.loss)(w, hparams, prob.batch(idx), t)
+    # Differentiated by a forward-over-reverse Hessian-vector product (the step index rides
+    # with the batch, which is not differentiated): no activations are stored.
+    _, g = value_and_grad(lambda w, hp, bt: prob.loss(w, hp, *bt), "forward")(
+        w, hparams, (prob.batch(idx), t))
     v = mu * v + g + wd * w
     return w - lr * v, v
 
