@@ -180,7 +180,8 @@ def make_meta_step(est: Estimator, opt: optax.GradientTransformationExtraArgs):
     return jax.jit(meta_step)
 
 
-def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int):
+def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int,
+                     hvp: str = "reverse"):
     """One segment of online tuning as one jitted function (truncated, Shaban et al. 2019).
 
     Returns ``step(task, phi, opt_state, inner, key, scale, begin) -> (phi, opt_state,
@@ -189,6 +190,8 @@ def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int):
     compile serves every segment) it trains ``window`` steps, takes the hypergradient of
     the validation loss through those steps, and updates ``phi``; the trained state is
     the next segment's start. A rejected segment leaves the weights where they were.
+    ``hvp`` is how the segment's steps are backpropagated (see
+    :func:`hypergrad.estimators.reverse`).
     """
 
     def step(task, phi, opt_state, inner, key, scale, begin):
@@ -196,7 +199,7 @@ def make_online_step(opt: optax.GradientTransformationExtraArgs, window: int):
 
         def f(p):
             hparams = task.space.constrain(p)
-            state, losses = segment(task, hparams, inner, data_key, begin, window)
+            state, losses = segment(task, hparams, inner, data_key, begin, window, hvp=hvp)
             return task.validation_loss(state.params, hparams), (state, losses)
 
         (value, (new_inner, losses)), grad = jax.value_and_grad(f, has_aux=True)(phi)
@@ -424,7 +427,7 @@ def run(
     key = jax.random.key(config.seed)
     evaluate = make_evaluate(problem)
     if config.online:  # one training run, a hyper-update every `window` inner steps
-        online_step = make_online_step(opt, config.window)
+        online_step = make_online_step(opt, config.window, config.hvp)
         total = config.steps // config.window
     else:
         meta_step = make_meta_step(estimator_for(config), opt)

@@ -55,12 +55,20 @@ def test_check_shows_the_bias_of_a_short_truncation(capsys):
 
 
 def test_online_run_tunes_while_training(tmp_path, capsys):
-    workdir = tmp_path / "online"
-    assert main(["run", *TINY, "--set", "online=true", "--set", "steps=8", "--set",
-                 "window=2", "--workdir", str(workdir), "--quiet"]) == 0
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["inner_step"] for r in lines] == [2, 4, 6, 8]
-    assert lines[0]["hparams"] != lines[-1]["hparams"]
+    runs = {}
+    for hvp in ("reverse", "forward"):
+        workdir = tmp_path / f"online-{hvp}"
+        assert main(["run", *TINY, "--set", "online=true", "--set", "steps=8", "--set",
+                     "window=2", "--set", f"hvp={hvp}", "--workdir", str(workdir),
+                     "--quiet"]) == 0
+        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["inner_step"] for r in lines] == [2, 4, 6, 8]
+        assert lines[0]["hparams"] != lines[-1]["hparams"]
+        runs[hvp] = lines
+    # The same run either way, up to float32 rounding.
+    for a, b in zip(runs["reverse"], runs["forward"], strict=True):
+        for name, value in a["hparams"].items():
+            assert abs(b["hparams"][name] - value) <= 1e-4 * abs(value), name
 
 
 def test_granular_hyperparameters_and_every_kind_from_the_command_line(tmp_path):
