@@ -53,6 +53,8 @@ class Config:
       hvp: how ``reverse`` and ``truncated`` backpropagate through each inner step's
         gradient: ``reverse`` (plain autodiff; stores every activation) or ``forward`` (a
         forward-over-reverse Hessian-vector product; stores only each step's inputs).
+      hvp_batch_size: with ``hvp=forward``, run each step's Hessian-vector product over the
+        batch in chunks of this many examples (0: all at once); less memory, more time.
       val_batch_size: evaluate and differentiate the validation loss in chunks of this
         many examples (0: all at once); bounds the memory a large validation set takes.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
@@ -101,6 +103,7 @@ class Config:
     loss: str = "mse"
     checkpoint: str = "none"
     hvp: str = "reverse"
+    hvp_batch_size: int = 0
     val_batch_size: int = 0
     dtype: str = "float32"
     save_every: int = 5
@@ -176,6 +179,10 @@ class Config:
         _at_least(self, "data_val_size", 1)
         _at_least(self, "data_test_size", 0)
         _at_least(self, "val_batch_size", 0)
+        _at_least(self, "hvp_batch_size", 0)
+        if self.hvp_batch_size and self.hvp != "forward":
+            raise ConfigError(f"hvp_batch_size chunks hvp=forward's Hessian-vector products; "
+                              f"set hvp=forward or hvp_batch_size=0 (hvp is {self.hvp})")
         _one_of(self, "dtype", DTYPES)
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ConfigError(f"outer_lr must be > 0 (or none for the default), got "

@@ -188,7 +188,40 @@ def _check_hvp(hvp: Any) -> str:
     return hvp
 
 
-def value_and_grad(train_loss: Callable, hvp: str = "reverse") -> Callable:
+def batch_mean(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
+    """The mean of ``fn`` over ``data`` taken ``batch_size`` examples at a time.
+
+    ``fn(chunk)`` returns a pytree of arrays that is a mean over the chunk's examples (the
+    leading axis of every leaf of ``data``), plus, optionally, terms that do not depend on
+    the data. The chunks' values are averaged weighted by their sizes, which gives
+    ``fn(data)`` up to rounding; full chunks run in a ``lax.scan`` whose body is
+    rematerialized (so differentiating it also holds one chunk at a time), a smaller
+    remainder chunk after it. ``batch_size=None`` (or at least the number of examples)
+    is ``fn(data)``.
+    """
+    n = jax.tree.leaves(data)[0].shape[0]
+    if batch_size is None or batch_size >= n:
+        return fn(data)
+    full, rest = divmod(n, batch_size)
+    chunks = jax.tree.map(
+        lambda a: a[: full * batch_size].reshape(full, batch_size, *a.shape[1:]), data)
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], chunks))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+    def add(total, chunk):
+        return jax.tree.map(jnp.add, total, fn(chunk)), None
+
+    total, _ = jax.lax.scan(jax.checkpoint(add, prevent_cse=False), zeros, chunks)
+    total = jax.tree.map(lambda t: t * batch_size, total)
+    if rest:
+        tail = fn(jax.tree.map(lambda a: a[full * batch_size:], data))
+        total = jax.tree.map(lambda t, r: t + rest * r, total, tail)
+    return jax.tree.map(lambda t: t / n, total)
+
+
+def value_and_grad(
+    train_loss: Callable, hvp: str = "reverse", batch_size: int | None = None,
+) -> Callable:
     """``(params, hparams, batch) -> (loss, grad_params)`` of ``train_loss``.
 
     ``hvp`` decides how reverse mode differentiates *through* this gradient, which is
@@ -205,6 +238,12 @@ def value_and_grad(train_loss: Callable, hvp: str = "reverse") -> Callable:
       on the seed CNN (``scripts/bench_unroll.py``), but not forward-differentiable (a
       ``custom_vjp``), and the training data must not be differentiated (make them a
       hyperparameter instead): that raises ``ValueError``.
+
+    ``batch_size`` (only with ``hvp="forward"``) runs that Hessian-vector product over the
+    batch ``batch_size`` examples at a time (:func:`batch_mean`), so the backward pass holds
+    one chunk's activations instead of the whole batch's, for some time. ``train_loss``
+    must then be a mean over the batch's examples plus terms that do not depend on the
+    batch (every built-in task's is). Plain autodiff (``hvp="reverse"``) ignores it.
     """
     if _check_hvp(hvp) == "reverse":
         return jax.value_and_grad(train_loss)
@@ -225,11 +264,16 @@ def value_and_grad(train_loss: Callable, hvp: str = "reverse") -> Callable:
         params, hparams, batch = res
         loss_ct, grad_ct = cotangents
         grad_ct = jax.tree.map(_instantiate, grad_ct, params)
-        joint = lambda p: jax.grad(train_loss, argnums=(0, 1))(p, hparams, batch)  # noqa: E731
-        grads, hvps = jax.jvp(joint, (params,), (grad_ct,))
-        if not isinstance(loss_ct, SymbolicZero):  # d loss / d(w, h) = the gradient
-            hvps = jax.tree.map(lambda a, g: a + loss_ct * g, hvps, grads)
-        return (*hvps, None)
+        with_loss = not isinstance(loss_ct, SymbolicZero)
+
+        def on(chunk):
+            joint = lambda p: jax.grad(train_loss, argnums=(0, 1))(p, hparams, chunk)  # noqa: E731
+            grads, hvps = jax.jvp(joint, (params,), (grad_ct,))
+            if with_loss:  # d loss / d(w, h) = the gradient
+                hvps = jax.tree.map(lambda a, g: a + loss_ct * g, hvps, grads)
+            return hvps
+
+        return (*batch_mean(on, batch, batch_size), None)
 
     vg.defvjp(fwd, bwd, symbolic_zeros=True)
     return vg
@@ -242,12 +286,15 @@ def _instantiate(ct: Any, like: jax.Array) -> jax.Array:
 def train_step(
     train_loss: Callable, optimizer: InnerOptimizer, hparams: Mapping[str, Any],
     state: InnerState, batch: PyTree, *, hvp: str = "reverse",
+    hvp_batch_size: int | None = None,
 ) -> tuple[InnerState, jax.Array]:
     """One differentiable training step; returns the new state and the batch loss.
 
-    ``hvp`` is how reverse mode differentiates through the step's gradient (see
+    ``hvp`` is how reverse mode differentiates through the step's gradient and
+    ``hvp_batch_size`` the chunks of its Hessian-vector product (see
     :func:`value_and_grad`)."""
-    loss, grads = value_and_grad(train_loss, hvp)(state.params, hparams, batch)
+    loss, grads = value_and_grad(train_loss, hvp, hvp_batch_size)(
+        state.params, hparams, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, hparams)
     params = jax.tree.map(jnp.add, state.params, updates)
     return InnerState(params, opt_state), loss

@@ -121,9 +121,12 @@ def build(experiment: Experiment, config: Config) -> Problem:
         problem = experiment.build(config)
     except ValueError as e:  # DataError included
         raise ConfigError(str(e)) from None
-    if config.val_batch_size:  # every experiment's validation loss is a mean over examples
-        problem = problem._replace(task=problem.task.replace(
-            val_batch_size=config.val_batch_size))
+    # Every experiment's losses are means over examples (plus, for training, penalties
+    # that do not depend on the batch), which chunking them needs.
+    chunks = {name: getattr(config, name) for name in ("val_batch_size", "hvp_batch_size")
+              if getattr(config, name)}
+    if chunks:
+        problem = problem._replace(task=problem.task.replace(**chunks))
     reads = problem.task.optimizer.reads
     tuned = [n for n in problem.task.space.names if n in reads]
     if config.estimator == "implicit" and not config.online and tuned:

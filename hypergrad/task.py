@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad.hparams import HyperSpace
-from hypergrad.inner import InnerOptimizer
+from hypergrad.inner import InnerOptimizer, batch_mean
 
 PyTree = Any
 
@@ -42,6 +42,13 @@ class Task:
         many examples, one chunk's activations in memory at a time, and average them
         weighted by size; ``None`` takes all of ``val_data`` at once. Only for a
         ``val_loss`` that is a mean over examples (every built-in task's is).
+      hvp_batch_size: backpropagate through each inner step's gradient in chunks of this
+        many examples of the step's batch when the estimator does so with a
+        forward-over-reverse Hessian-vector product (``hvp="forward"``, see
+        :func:`hypergrad.inner.value_and_grad`); ``None`` takes the whole batch at once.
+        Plain autodiff, and estimators that do not backpropagate through the steps,
+        ignore it. Only for a ``train_loss`` that is a mean over examples plus terms that
+        do not depend on the batch (every built-in task's is).
     """
 
     params: PyTree | Callable[[jax.Array, Any], PyTree]
@@ -54,6 +61,7 @@ class Task:
     steps: int
     batch_size: int | None = None
     val_batch_size: int | None = None
+    hvp_batch_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -69,9 +77,10 @@ class Task:
             b = self.batch_size
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
                 raise ValueError(f"batch_size must be an integer in [1, {n}] or None, got {b!r}")
-        c = self.val_batch_size
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"val_batch_size must be a positive integer or None, got {c!r}")
+        for name in ("val_batch_size", "hvp_batch_size"):
+            c = getattr(self, name)
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {c!r}")
         # Lay granular and scheduled hyperparameters out for these weights and this T.
         object.__setattr__(self, "space", self.space.resolve(self._param_shapes(), self.steps))
         _check_reads(self)
@@ -109,26 +118,8 @@ class Task:
         """``val_loss(params, hp, val_data)`` with ``hp`` already read at a step; in
         chunks of ``val_batch_size`` (a ``lax.scan`` whose body is rematerialized, so the
         backward pass also holds one chunk at a time) when that is set."""
-        data, size = self.val_data, self.val_batch_size
-        n = jax.tree.leaves(data)[0].shape[0]
-        if size is None or size >= n:
-            return self.val_loss(params, hp, data)
-        full, rest = divmod(n, size)
-
-        def add(total, chunk):
-            return total + self.val_loss(params, hp, chunk), None
-
-        chunks = jax.tree.map(lambda a: a[: full * size].reshape(full, size, *a.shape[1:]),
-                              data)
-        out = jax.eval_shape(lambda: self.val_loss(params, hp,
-                                                   jax.tree.map(lambda a: a[0], chunks)))
-        total, _ = jax.lax.scan(jax.checkpoint(add, prevent_cse=False),
-                                jnp.zeros(out.shape, out.dtype), chunks)
-        total = total * size
-        if rest:
-            total = total + rest * self.val_loss(params, hp,
-                                                 jax.tree.map(lambda a: a[full * size:], data))
-        return total / n
+        return batch_mean(lambda chunk: self.val_loss(params, hp, chunk), self.val_data,
+                          self.val_batch_size)
 
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
@@ -195,19 +186,20 @@ def _flatten(task: Task):
     fn = task.params if callable(task.params) else None
     arrays = None if fn is not None else task.params
     static = (fn, task.train_loss, task.val_loss, task.space, task.optimizer,
-              task.steps, task.batch_size, task.val_batch_size)
+              task.steps, task.batch_size, task.val_batch_size, task.hvp_batch_size)
     return (arrays, task.train_data, task.val_data), static
 
 
 def _unflatten(static, children) -> Task:
     # Bypass __post_init__: under a transformation the leaves may be tracers or objects.
     task = object.__new__(Task)
-    fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size = static
+    (fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size,
+     hvp_batch_size) = static
     arrays, train_data, val_data = children
     values = dict(params=fn if fn is not None else arrays, train_loss=train_loss,
                   val_loss=val_loss, train_data=train_data, val_data=val_data, space=space,
                   optimizer=optimizer, steps=steps, batch_size=batch_size,
-                  val_batch_size=val_batch_size)
+                  val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size)
     for name, value in values.items():
         object.__setattr__(task, name, value)
     return task

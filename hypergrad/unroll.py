@@ -149,7 +149,7 @@ def segment(
     def step(s, idx, values):
         batch = data if idx is None else jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         return train_step(task.train_loss, task.optimizer, space.expand(hparams, values), s,
-                          batch, hvp=hvp)
+                          batch, hvp=hvp, hvp_batch_size=task.hvp_batch_size)
 
     if task.batch_size is None:
         idx = None
@@ -184,7 +184,8 @@ def unroll(
       hvp: how reverse mode differentiates through each step's gradient:
         ``"reverse"`` (plain autodiff, works under every transformation) or
         ``"forward"`` (one forward-over-reverse Hessian-vector product per step, keeping
-        only each step's inputs; see :func:`hypergrad.inner.value_and_grad`).
+        only each step's inputs; see :func:`hypergrad.inner.value_and_grad`), in chunks
+        of ``task.hvp_batch_size`` examples when that is set.
 
     Returns:
       ``(params_T, train_losses)``, the trained weights and each step's batch loss.

@@ -45,7 +45,10 @@ def test_check_is_below_tolerance(estimator, capsys):
 
 @pytest.mark.parametrize("hvp", ["forward", "reverse"])
 def test_check_with_chunked_validation_and_each_hvp(hvp, capsys):
-    assert main(["check", *TINY, "--set", "val_batch_size=7", "--set", f"hvp={hvp}"]) == 0
+    # With hvp=forward the Hessian-vector products also run in chunks (of 3 examples).
+    chunks = ["--set", "hvp_batch_size=3"] if hvp == "forward" else []
+    assert main(["check", *TINY, "--set", "val_batch_size=7", "--set", f"hvp={hvp}",
+                 *chunks]) == 0
     assert capsys.readouterr().out.strip().endswith("ok")
 
 
@@ -118,6 +121,9 @@ BAD_SETS = [
     (["batch_size=5000"], "batch_size must be an integer in [1, 1000]"),
     (["val_batch_size=-1"], "val_batch_size must be at least 0, got -1"),
     (["hvp=both"], "hvp must be one of reverse, forward"),
+    (["hvp_batch_size=4"], "hvp_batch_size chunks hvp=forward's Hessian-vector products; "
+                           "set hvp=forward or hvp_batch_size=0 (hvp is reverse)"),
+    (["hvp=forward", "hvp_batch_size=-1"], "hvp_batch_size must be at least 0, got -1"),
     (["seed=-1"], "seed must be at least 0"),
     (["save_every=0"], "save_every must be at least 1"),
     (["checkpoint=-2"], "checkpoint must be none, step, nested or a positive integer"),

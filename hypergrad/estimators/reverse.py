@@ -28,7 +28,9 @@ def reverse(checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
         step's inputs: faster and far leaner (``scripts/bench_unroll.py``), but it cannot
         differentiate the training data or carry tangents through the estimator (see
         :func:`hypergrad.inner.value_and_grad`). Both give the same hypergradient up to
-        rounding (1e-10 relative in float64, tested).
+        rounding (1e-10 relative in float64, tested). With ``"forward"``, a task's
+        ``hvp_batch_size`` runs each product over the batch in chunks, which lowers peak
+        memory further for some time.
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``grad`` is shaped like
