@@ -8,7 +8,8 @@ T = 10 000, batch 100, with: plain training; reverse without checkpointing, ever
 and "nested"; truncated (window 20); forward; implicit; reversible. ``--hvp reverse
 forward`` (the default) times reverse and truncated with both ways of backpropagating
 through a step's gradient (``hvp`` of :func:`hypergrad.estimators.reverse`);
-``--val-batch-size N`` chunks the validation loss (default: all at once). With ``--granular``,
+``--val-batch-size N`` chunks the validation loss (default: all at once) and
+``--hvp-batch-size N`` the Hessian-vector products of the hvp=forward rows. With ``--granular``,
 reverse also runs on the CNN with a per-layer x per-step learning rate and a per-parameter
 weight decay (rows marked ``*``), and ``granular_over_scalar`` is its time over the
 all-scalar space's with the same checkpoint policy. Each case runs in a
@@ -97,6 +98,8 @@ def run_case(case: dict) -> dict:
         task, _ = classification(model, data, space, steps=case["T"],
                                  batch_size=case["batch_size"], optimizer=optimizer,
                                  val_batch_size=case["val_batch_size"] or None)
+    if case["hvp"] == "forward" and case["hvp_batch_size"]:
+        task = task.replace(hvp_batch_size=case["hvp_batch_size"])
     phi, key = task.space.init(jnp.float32), jax.random.key(0)
 
     ck = case["checkpoint"]
@@ -193,7 +196,8 @@ def grid(args) -> list[dict]:
     """All cases, each plain-training case first within its (model, T, x64) group."""
     base = {"batch_size": args.batch_size, "repeats": args.repeats, "budget": args.budget,
             "max_bytes": args.max_bytes, "implicit_iters": args.implicit_iters,
-            "window": args.window, "val_batch_size": args.val_batch_size}
+            "window": args.window, "val_batch_size": args.val_batch_size,
+            "hvp_batch_size": args.hvp_batch_size}
     groups = [("cnn", t, conv) for t in args.steps for conv in args.conv]
     groups += [("mlp", t, None) for t in args.mlp_steps]
     cases = []
@@ -248,6 +252,9 @@ def main() -> None:
                    help="how reverse and truncated backpropagate through each step's gradient")
     p.add_argument("--val-batch-size", type=int, default=0,
                    help="the validation loss's chunk size (0: all at once, the default)")
+    p.add_argument("--hvp-batch-size", type=int, default=0,
+                   help="with hvp=forward, run each step's Hessian-vector product in chunks "
+                        "of this many examples (Task.hvp_batch_size; 0: the whole batch)")
     p.add_argument("--granular", action="store_true",
                    help="also time reverse on the CNN with a per-layer x per-step learning "
                         "rate and a per-parameter weight decay (ratio to the scalar space)")
@@ -273,7 +280,10 @@ def main() -> None:
         args.steps, args.mlp_steps, args.repeats, args.budget = [20], [50], 1, 0.0
 
     import jax
-    print(f"backend: {jax.default_backend()}, batch {args.batch_size}; one process per case")
+    chunks = "".join(f", {name} {getattr(args, name)}" for name in
+                     ("val_batch_size", "hvp_batch_size") if getattr(args, name))
+    print(f"backend: {jax.default_backend()}, batch {args.batch_size}{chunks}; "
+          "one process per case")
     print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'hvp':>3} {'x64':>3} "
           f"{'seconds':>9} "
           f"{'ratio':>6} {'compile s':>9} {'XLA MiB':>9} {'mem ratio':>9} {'RSS MiB':>8} "
@@ -294,6 +304,8 @@ def main() -> None:
         vs = scalar.get(same) if case["space"] == "granular" else None
         row = {"estimator": case["estimator"], "checkpoint": case["checkpoint"],
                "hvp": case["hvp"], "val_batch_size": case["val_batch_size"],
+               "hvp_batch_size": (case["hvp_batch_size"] or None) if case["hvp"] == "forward"
+               else None,
                "space": case["space"],
                "granular_over_scalar": hs / vs if hs and vs else None,
                "model": case["model"], "conv": case["conv"], "T": case["T"],
