@@ -52,7 +52,10 @@ def main() -> None:
     key = jax.random.key(0)
     hp = space.constrain(space.init(jnp.float32))
     w = task.init_params(key, hp)
-    u = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), w)
+    leaves, tree = jax.tree.flatten(w)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    u = jax.tree.unflatten(tree, [1e-3 * jax.random.normal(k, a.shape, a.dtype)
+                                  for k, a in zip(keys, leaves, strict=True)])
     idx = jax.random.randint(key, (args.steps, args.batch_size), 0, task.num_examples)
     loss = task.train_loss
 
@@ -77,6 +80,13 @@ def main() -> None:
 
     def tangent_only(consts, u):
         return jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree.leaves(u))
+
+    # Both products are H u: check that before timing them.
+    a, b = jax.tree.leaves(tangent_only(res, u)), jax.tree.leaves(hvp(w, b0, u))
+    scale = max(float(jnp.max(jnp.abs(y))) for y in b)
+    err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b, strict=True)) / scale
+    if not err < 1e-4:
+        raise SystemExit(f"the two Hessian-vector products differ: {err:.2e} of the largest")
 
     def flops(f, *a):
         cost = jax.jit(f).lower(*a).compile().cost_analysis()
@@ -115,6 +125,7 @@ def main() -> None:
         t = min(times[name])
         print(f"{name:>18} {counts[name] / 1e6:8.1f} {counts[name] / g_flops:7.2f} "
               f"{t * 1e3:7.3f} {t / g_time:7.2f}")
+    print(f"the two products agree to {err:.1e} of the largest entry ({scale:.2e})")
     print(f"residual bytes per step for the tangent-only product: {residual_bytes / 2**20:.1f} MiB")
     r_min = 1 + counts["hvp, tangent only"] / g_flops
     r_fwd = 1 + counts["hvp"] / g_flops
