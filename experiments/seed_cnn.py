@@ -101,12 +101,14 @@ def build(config: SeedCnnConfig) -> Problem:
                              batch_size=config.batch_size or None, loss=config.loss,
                              seed=config.seed, channels=config.widths(), dtype=dtype,
                              optimizer=hg.inner.by_name(config.optimizer))
-    x_test, y_test = data.test
-
     def evaluate(params, hparams):
-        logits = predict(params, hparams, x_test)
-        return {"test_loss": task.val_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(logits, y_test)}
+        # Both are means over test examples, so they are scored in the validation loss's
+        # chunks (val_batch_size) too: a 10 000-image MNIST test split at once is gigabytes.
+        def metrics(chunk):
+            return {"test_loss": task.val_loss(params, hparams, chunk),
+                    "test_accuracy": accuracy(predict(params, hparams, chunk[0]), chunk[1])}
+
+        return hg.inner.batch_mean(metrics, data.test, config.val_batch_size or None)
 
     return Problem(task, evaluate)
 

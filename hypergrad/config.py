@@ -57,6 +57,7 @@ class Config:
         batch in chunks of this many examples (0: all at once); less memory, more time.
       val_batch_size: evaluate and differentiate the validation loss in chunks of this
         many examples (0: all at once); bounds the memory a large validation set takes.
+        ``seed-cnn`` also scores its test split in these chunks.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).

@@ -280,3 +280,26 @@ def test_hyper_cleaning_bad_values_are_config_errors(tmp_path, capsys):
     assert main(["run", "hyper-cleaning", "--set", "batch_size=10",
                  "--workdir", str(tmp_path)]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_seed_cnn_scores_the_test_split_in_the_validation_chunks():
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from experiments import seed_cnn
+
+    config = seed_cnn.SeedCnnConfig(steps=3, data_train_size=100, data_val_size=30,
+                                    data_test_size=53, channels="2,2,2",
+                                    dtype="float64").validate()
+    problem = seed_cnn.build(config)
+    hparams = problem.task.space.constrain(problem.task.space.init())
+    params = problem.task.init_params(jax.random.key(0), hparams)
+    whole = problem.evaluate(params, hparams)
+    for size in (7, 10):  # 53 test images: a remainder either way
+        chunked = seed_cnn.build(dataclasses.replace(config, val_batch_size=size)).evaluate(
+            params, hparams)
+        for name in ("test_loss", "test_accuracy"):
+            np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-13, err_msg=name)
+    assert 0 < float(whole["test_accuracy"]) < 1
