@@ -59,19 +59,22 @@ def test_check_shows_the_bias_of_a_short_truncation(capsys):
 
 def test_online_run_tunes_while_training(tmp_path, capsys):
     runs = {}
-    for hvp in ("reverse", "forward"):
-        workdir = tmp_path / f"online-{hvp}"
+    # hvp=forward also with its products in chunks of 7 (of batches of 20: a remainder).
+    for name, sets in (("reverse", ["hvp=reverse"]), ("forward", ["hvp=forward"]),
+                       ("chunked", ["hvp=forward", "hvp_batch_size=7"])):
+        workdir = tmp_path / f"online-{name}"
         assert main(["run", *TINY, "--set", "online=true", "--set", "steps=8", "--set",
-                     "window=2", "--set", f"hvp={hvp}", "--workdir", str(workdir),
-                     "--quiet"]) == 0
+                     "window=2", *[a for x in sets for a in ("--set", x)],
+                     "--workdir", str(workdir), "--quiet"]) == 0
         lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
         assert [r["inner_step"] for r in lines] == [2, 4, 6, 8]
         assert lines[0]["hparams"] != lines[-1]["hparams"]
-        runs[hvp] = lines
-    # The same run either way, up to float32 rounding.
-    for a, b in zip(runs["reverse"], runs["forward"], strict=True):
-        for name, value in a["hparams"].items():
-            assert abs(b["hparams"][name] - value) <= 1e-4 * abs(value), name
+        runs[name] = lines
+    # The same run every way, up to float32 rounding.
+    for other in ("forward", "chunked"):
+        for a, b in zip(runs["reverse"], runs[other], strict=True):
+            for name, value in a["hparams"].items():
+                assert abs(b["hparams"][name] - value) <= 1e-4 * abs(value), (other, name)
 
 
 def test_granular_hyperparameters_and_every_kind_from_the_command_line(tmp_path):
