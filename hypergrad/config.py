@@ -9,6 +9,7 @@ import typing
 from typing import Any
 
 from hypergrad.hparams import HyperSpace
+from hypergrad.inner import HVP_MODES
 
 
 class ConfigError(ValueError):
@@ -19,7 +20,6 @@ OUTERS = ("gd", "ncg", "adam")
 ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
 SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
-HVPS = ("reverse", "forward")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
 
@@ -171,7 +171,7 @@ class Config:
                               "inner learning rate): --set solver_step=0.01")
         _one_of(self, "outer", OUTERS)
         _one_of(self, "loss", LOSSES)
-        _one_of(self, "hvp", HVPS)
+        _one_of(self, "hvp", HVP_MODES)
         try:
             check_name(self.data)
         except DataError as e:
