@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from hypergrad.estimators.base import Estimator
 from hypergrad.task import Task
-from hypergrad.unroll import _check_window, truncated_objective, unroll
+from hypergrad.unroll import check_window, truncated_objective, unroll
 
 SOLVERS = ("cg", "neumann", "fixed_point")
 
@@ -80,21 +80,10 @@ def implicit(
       ``train_loss``, ``train_losses``, ``params``, ``iterations``, ``residual`` (final
       relative residual), ``converged`` and, with a fallback, ``fallback_used``.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
-        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if solver != "cg" and (alpha is None or not alpha > 0):
-        raise ValueError(
-            f"solver={solver!r} needs a step alpha > 0 below 2 / (largest Hessian "
-            f"eigenvalue), e.g. the inner learning rate; got alpha={alpha!r}"
-        )
+    solve = linear_solver(solver, maxiter, tol, alpha)
     if fallback not in (None, "truncated"):
         raise ValueError(f"fallback must be None or 'truncated', got {fallback!r}")
-    _check_window(window)
-    solve = _solver(solver, maxiter, tol, alpha)
+    check_window(window)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         _refuse_optimizer_hparams(task)
@@ -163,7 +152,138 @@ def stationary_hypergradient(
     return value, grad, {"v": v, "iterations": iterations, "residual": residual}
 
 
+def root(
+    solver: Callable, optimality: Callable, *, solve: str = "cg", maxiter: int = 100,
+    tol: float = 1e-6, alpha: float | None = None, has_aux: bool = False,
+) -> Callable:
+    """Make any inner solver's output differentiable through its optimality condition.
+
+    ``solver(init, *args) -> x`` is any function that returns (close to) a root of
+    ``optimality(x, *args)``: L-BFGS in a ``lax.while_loop``, a closed form, a call into
+    C. The returned function runs it unchanged; in reverse mode (``jax.grad``,
+    ``jax.vjp``) it differentiates ``x`` in ``args`` by the implicit function theorem,
+    ``dx/dargs = -J^-1 d optimality/dargs`` with ``J = d optimality/dx`` at ``x``, so the
+    solver's iterations are never differentiated (jaxopt's ``custom_root`` is the model).
+    ``init`` gets a zero gradient. For a minimizer, ``optimality`` is the gradient of
+    the objective in ``x``, ``J`` its Hessian, and ``"cg"`` the natural solve.
+
+    The backward pass solves ``J' v = cotangent`` with the solves of
+    :func:`hypergrad.estimators.implicit` (``"cg"`` needs ``J`` symmetric positive
+    definite; ``"neumann"`` and ``"fixed_point"`` need ``alpha`` with the iteration
+    ``I - alpha J'`` contracting, and work for non-symmetric ``J``), by vector-Jacobian
+    products only, and warns with :class:`NotConvergedWarning` (eagerly and under
+    ``jax.jit``) when the relative residual stays above ``tol``. :func:`root_vjp`
+    returns the same cotangents with the solve's diagnostics. Forward mode
+    (``jax.jvp``) is not defined. The answer is exact only as far as ``x`` is a root:
+    stop the solver tightly.
+
+    Args:
+      solver: ``(init, *args) -> x``, or ``-> (x, aux)`` with ``has_aux``; ``x`` a
+        pytree of float arrays.
+      optimality: ``(x, *args) -> residual``, a pytree with as many elements as ``x``,
+        zero at the solution.
+      solve: the linear solve of the backward pass, ``"cg"``, ``"neumann"`` or
+        ``"fixed_point"``.
+      maxiter, tol, alpha: as in :func:`hypergrad.estimators.implicit`.
+      has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through and not
+        differentiated.
+
+    Returns:
+      ``solution(init, *args)``, the solver's output, differentiable in ``args``.
+    """
+    linear = linear_solver(solve, maxiter, tol, alpha, label="solve")
+
+    @jax.custom_vjp
+    def run(init, args):
+        return solver(init, *args)
+
+    def fwd(init, args):
+        out = solver(init, *args)
+        return out, (init, out[0] if has_aux else out, args)
+
+    def bwd(res, ct):
+        init, x, args = res
+        ct_args, info = root_vjp(optimality, x, args, ct[0] if has_aux else ct, linear)
+        jax.debug.callback(_warn_root(solve, tol), info["residual"] <= tol, info["residual"],
+                           info["iterations"])
+        return jax.tree.map(_zero_cotangent, init), ct_args
+
+    run.defvjp(fwd, bwd)
+
+    def solution(init, *args):
+        return run(init, args)
+
+    return solution
+
+
+def root_vjp(
+    optimality: Callable, x: Any, args: tuple, cotangent: Any, solve: Callable,
+) -> tuple[tuple, dict[str, Any]]:
+    """The cotangents of ``args`` for a root ``x`` of ``optimality(x, *args)``, by the
+    implicit function theorem: ``-(d optimality/dargs)' v`` with ``J' v = cotangent``.
+
+    Args:
+      optimality: ``(x, *args) -> residual``, zero at ``x``.
+      x: the root (a pytree).
+      args: the tuple of arguments to differentiate.
+      cotangent: the cotangent of ``x`` (shaped like ``x``).
+      solve: ``solve(matvec, b) -> (v, iterations)`` for ``matvec(v) = J' v``, as
+        :func:`stationary_hypergradient` takes it.
+
+    Returns:
+      ``(cotangents, info)``: one cotangent per element of ``args``, and ``info`` with
+      ``iterations``, ``residual`` (``|cotangent - J' v| / |cotangent|``) and
+      ``optimality`` (``|optimality(x, *args)|``, how far ``x`` is from a root).
+    """
+    w, unravel = ravel_pytree(x)
+
+    def residual(w, *a):
+        return ravel_pytree(optimality(unravel(w), *a))[0]
+
+    at_x, vjp_x = jax.vjp(lambda w: residual(w, *args), w)
+    if at_x.shape != w.shape:
+        raise ValueError(f"optimality returns {at_x.size} numbers for {w.size} unknowns; "
+                         "it must return one per element of x")
+    g = ravel_pytree(cotangent)[0].astype(w.dtype)
+
+    def matvec(u):
+        return vjp_x(u)[0]
+
+    v, iterations = solve(matvec, g)
+    gnorm = jnp.linalg.norm(g)
+    rnorm = jnp.linalg.norm(g - matvec(v))
+    rel = jnp.where(gnorm > 0, rnorm / jnp.where(gnorm > 0, gnorm, 1), rnorm)
+    _, vjp_args = jax.vjp(lambda *a: residual(w, *a), *args)
+    info = {"iterations": iterations, "residual": rel,
+            "optimality": jnp.linalg.norm(at_x)}
+    return vjp_args(-v), info
+
+
+def _zero_cotangent(leaf: Any) -> Any:
+    leaf = jnp.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+def _warn_root(solve: str, tol: float):
+    def warn(converged, residual, iterations):
+        if np.all(converged):
+            return
+        warnings.warn(
+            f"root({solve!r}): the backward linear solve did not converge: relative "
+            f"residual {np.max(residual):.3g} > tol {tol:g} after {np.max(iterations)} "
+            "iterations; the gradient is inexact", NotConvergedWarning, stacklevel=2)
+
+    return warn
+
+
 def _refuse_optimizer_hparams(task: Task) -> None:
+    if task.stochastic or task.stateful:
+        what = "draws noise at every step" if task.stochastic else "carries model state"
+        raise ValueError(
+            f"implicit needs a deterministic training loss of the weights alone, and this "
+            f"task's {what}; use reverse(), forward() or truncated() instead")
     if task.space.scheduled:
         raise ValueError(
             f"implicit cannot differentiate the schedule of {', '.join(task.space.scheduled)}: "
@@ -222,8 +342,26 @@ def conjugate_gradient(hvp: Callable, b: jax.Array, x0: jax.Array | None = None,
     return x, i, jnp.sqrt(rs)
 
 
-def _solver(name: str, maxiter: int, tol: float, alpha: float | None) -> Callable:
-    """``solve(hvp, g) -> (v, iterations)`` for ``H v = g``, as a ``lax.while_loop``."""
+def linear_solver(name: str, maxiter: int, tol: float, alpha: float | None = None, *,
+                  label: str = "solver") -> Callable:
+    """``solve(hvp, g) -> (v, iterations)`` for ``H v = g`` by ``"cg"``, ``"neumann"`` or
+    ``"fixed_point"`` (see :func:`implicit`), as a ``lax.while_loop``, stopped at
+    ``maxiter`` iterations or a relative residual of ``tol``.
+
+    The ``solve`` that :func:`stationary_hypergradient` and :func:`root_vjp` take;
+    ``label`` names the option in error messages.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"{label} must be one of {SOLVERS}, got {name!r}")
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if name != "cg" and (alpha is None or not alpha > 0):
+        raise ValueError(
+            f"{label}={name!r} needs a step alpha > 0 below 2 / (largest Hessian "
+            f"eigenvalue), e.g. the inner learning rate; got alpha={alpha!r}"
+        )
 
     def solve(hvp, g):
         target = tol * jnp.linalg.norm(g)
