@@ -30,6 +30,12 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from hypergrad.messages import clip, show
+
+MAX_CLASSES = 10_000
+"""The most classes a dataset may have: a larger label is a marker or a corrupt file, and
+would make a head that size."""
+
 
 class Dataset(NamedTuple):
     """Three splits, each ``(x, y)`` with x ``float[n, H, W, C]`` in [0, 1], y ``int32[n]``."""
@@ -86,16 +92,20 @@ def check_name(name: str) -> None:
     if prefix is not None:
         if not name[len(prefix):]:
             what = "DIR" if prefix == "idx:" else "FILE"
-            raise DataError(f"data {name!r} names no path; write {prefix}{what}")
+            raise DataError(f"data {show(name)} names no path; write {prefix}{what}")
         return
     names = ", ".join([*SOURCES, *TFDS])
-    raise DataError(f"unknown dataset {name!r}; available: {names}, idx:DIR (MNIST-format "
+    raise DataError(f"unknown dataset {show(name)}; available: {names}, idx:DIR (MNIST-format "
                     "files) or npz:FILE")
 
 
 def _cut(n: int, seed: int, train_size: int, val_size: int,
          test_size: int | None) -> list[np.ndarray]:
     """Index arrays of train / validation / test in a pool of ``n`` examples."""
+    if test_size is None and train_size + val_size >= n:
+        what = "exceeds" if train_size + val_size > n else "leaves no test split of"
+        raise DataError(f"train_size + val_size = {train_size + val_size} {what} the {n} "
+                        "examples available; lower train_size or val_size")
     test_size = n - train_size - val_size if test_size is None else test_size
     sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
     for name, size in sizes.items():
@@ -174,7 +184,8 @@ def load(
     splits = []
     for read, index in zip(reads, parts, strict=True):
         x, y = read(index)
-        splits.append((jnp.asarray(_images(x, name, dtype)), jnp.asarray(_labels(y, name))))
+        splits.append((jnp.asarray(_images(x, clip(name), dtype)),
+                       jnp.asarray(_labels(y, clip(name)))))
     train, val, test = splits
     return Dataset(train, val, test, source.num_classes, name)
 
@@ -208,13 +219,43 @@ def _labels(y: np.ndarray, name: str) -> np.ndarray:
 
 def _in_memory(x: np.ndarray, y: np.ndarray, where: str) -> _Part:
     """A part from arrays (``x`` may be a memory map: indexing reads only those rows)."""
+    if x.ndim not in (3, 4) or 0 in x.shape[1:]:
+        raise DataError(f"{where}: images must be [n, H, W] or [n, H, W, C] with every "
+                        f"size at least 1, got shape {tuple(x.shape)}")
     if len(x) != len(y):
         raise DataError(f"{where}: {len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{where} holds 0 examples")
     return _Part(len(x), lambda i: (np.asarray(x[np.asarray(i)]), np.asarray(y[i])))
 
 
-def _num_classes(*labels: np.ndarray) -> int:
-    return int(max(int(y.max()) for y in labels if y.size)) + 1
+def _num_classes(labels: dict[str, np.ndarray]) -> int:
+    """One more than the largest label, checked to be a sane class count: at most
+    :data:`MAX_CLASSES`, and, given at least as many examples as classes, at least half of
+    the classes present (a label of 255 among digits is a marker, not a 256-class
+    problem). ``labels`` maps a file to its labels."""
+    top = {where: int(y.max()) for where, y in labels.items()}
+    where = max(top, key=top.__getitem__)
+    classes = top[where] + 1
+    if classes > MAX_CLASSES:
+        raise DataError(f"{where}: a label of {top[where]} would make {classes} classes (at "
+                        f"most {MAX_CLASSES}); labels must be 0 .. classes - 1")
+    every = np.concatenate([np.asarray(y) for y in labels.values()])
+    present = len(np.unique(every))
+    if len(every) >= classes and present < classes / 2:
+        raise DataError(f"{where}: labels run to {top[where]} but only {present} of the "
+                        f"{classes} classes 0 .. {top[where]} occur; labels must be "
+                        "0 .. classes - 1 (is a large label a marker for missing ones?)")
+    return classes
+
+
+def _is(path: Path, where: str, test: Callable[[Path], bool]) -> bool:
+    """``test(path)``, or a :class:`DataError` when the path cannot even be looked up (a
+    name too long, a folder without permission)."""
+    try:
+        return test(path)
+    except OSError as e:
+        raise DataError(f"{where}: cannot look it up ({e.strerror or e})") from None
 
 
 # --- MNIST-format (IDX) files -------------------------------------------------------------
@@ -273,10 +314,13 @@ def _idx_files(folder: Path) -> dict[str, dict[str, Path]]:
 
 
 def _idx(folder: Path) -> _Source:
-    where = f"idx:{folder}"
-    if not folder.is_dir():
+    where = f"idx:{clip(str(folder))}"
+    if not _is(folder, where, Path.is_dir):
         raise DataError(f"{where}: no such folder")
-    found = _idx_files(folder)
+    try:
+        found = _idx_files(folder)
+    except OSError as e:
+        raise DataError(f"{where}: cannot list the folder ({e.strerror or e})") from None
     for prefix, pair in found.items():
         if len(pair) < 2:
             have, want = next(iter(pair.items())), ({"images", "labels"} - set(pair)).pop()
@@ -291,20 +335,20 @@ def _idx(folder: Path) -> _Source:
     if len(train) > 1 or len(test) > 1:
         raise DataError(f"{where}: several sets of files ({', '.join(sorted(found))}); "
                         "keep one training set (train-) and one test set (t10k-)")
-    parts, labels = [], []
+    parts, labels = [], {}
     for prefix in (train or test) + (test if train else []):
         x = _idx_array(found[prefix]["images"], "images")
         y = _idx_array(found[prefix]["labels"], "labels")
         parts.append(_in_memory(x, y, f"{where} ({prefix})"))
-        labels.append(y)
-    return _Source(parts[0], parts[1] if len(parts) > 1 else None, _num_classes(*labels))
+        labels[str(found[prefix]["labels"])] = y
+    return _Source(parts[0], parts[1] if len(parts) > 1 else None, _num_classes(labels))
 
 
 # --- npz files ----------------------------------------------------------------------------
 
 def _npz(path: Path) -> _Source:
-    where = f"npz:{path}"
-    if not path.is_file():
+    where = f"npz:{clip(str(path))}"
+    if not _is(path, where, Path.is_file):
         raise DataError(f"{where}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -323,8 +367,13 @@ def _npz(path: Path) -> _Source:
         raise
     except (OSError, EOFError, TypeError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(f"{where} is not a readable .npz file ({e})") from None
-    parts = [_in_memory(arrays[k], arrays[k + 1], where) for k in range(0, len(arrays), 2)]
-    num_classes = _num_classes(*[_labels(a, where) for a in arrays[1::2]])
+    if len(arrays) == 4 and len(arrays[2]) == len(arrays[3]) == 0:
+        raise DataError(f"{where}: x_test and y_test hold 0 examples; leave them out to cut "
+                        "the test split from x_train, y_train")
+    parts = [_in_memory(arrays[k], arrays[k + 1], f"{where} ({names[k]}, {names[k + 1]})")
+             for k in range(0, len(arrays), 2)]
+    num_classes = _num_classes({f"{where} ({n})": _labels(a, where)
+                                for n, a in zip(names[1::2], arrays[1::2], strict=True)})
     return _Source(parts[0], parts[1] if len(parts) > 1 else None, num_classes)
 
 

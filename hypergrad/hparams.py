@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hypergrad.messages import show
+
 Array = jax.Array
 PyTree = Any
 
@@ -51,7 +53,7 @@ def windows(every: int) -> Schedule:
     """One value per window of ``every`` inner steps, shared within the window
     (Micaelli & Storkey 2021)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"windows() needs a positive integer window, got {every!r}")
+        raise ValueError(f"windows() needs a positive integer window, got {show(every)}")
     return Schedule("windows", every)
 
 
@@ -79,7 +81,7 @@ def parse_schedule(spec: Any) -> Schedule | None:
             return Schedule(text)
         if text.startswith("windows:") and text[8:].isdigit() and int(text[8:]) >= 1:
             return windows(int(text[8:]))
-    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {spec!r}")
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {show(spec)}")
 
 
 def parse_per(spec: Any) -> Any:
@@ -95,11 +97,11 @@ def parse_per(spec: Any) -> Any:
             try:
                 re.compile(pattern)
             except (re.error, TypeError):
-                raise ValueError(f"per: group {group!r} has an invalid pattern "
-                                 f"{pattern!r}") from None
+                raise ValueError(f"per: group {show(group)} has an invalid pattern "
+                                 f"{show(pattern)}") from None
         return tuple(spec.items())
     raise ValueError(f"per must be one of {', '.join(GRANULARITIES)}, a function of the "
-                     f"parameter path or a mapping from group to pattern, got {spec!r}")
+                     f"parameter path or a mapping from group to pattern, got {show(spec)}")
 
 
 class Layout(NamedTuple):
@@ -152,8 +154,21 @@ class Constraint(NamedTuple):
     layout: Layout | None = None
 
     def check(self, value: Any, name: str = "value") -> None:
-        """Raise ``ValueError`` unless every entry of ``value`` lies in ``(low, high)``."""
-        for leaf in jax.tree.leaves(value):
+        """Raise ``ValueError`` unless ``value`` is a number or a non-empty array of
+        numbers, each in ``(low, high)``."""
+        leaves = jax.tree.leaves(value)
+        for leaf in leaves:
+            try:  # not a string: np.asarray("0.5", float) is 0.5, jnp.log("0.5") fails
+                v = None if isinstance(leaf, str | bytes) else np.asarray(leaf, np.float64)
+            except (TypeError, ValueError):
+                v = None
+            if v is None or v.size == 0:
+                leaves = []
+                break
+        if not leaves:
+            raise ValueError(f"{name} must be a number or a non-empty array of numbers, "
+                             f"got {show(value)}")
+        for leaf in leaves:
             v = np.asarray(leaf, dtype=np.float64)
             if not np.all(np.isfinite(v)) or np.any(v <= self.low) or np.any(v >= self.high):
                 raise ValueError(f"{name} must be {_describe(self)}, got {_show(value)}")
@@ -183,7 +198,12 @@ def _describe(c: Constraint) -> str:
 
 
 def _show(value: Any) -> str:
-    v = np.asarray(value)
+    try:
+        v = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return show(value)
+    if v.size == 0:
+        return "an empty array"
     if v.size == 1:
         return f"{v.item():g}"
     return f"an array with entries in [{v.min():g}, {v.max():g}]"
@@ -209,6 +229,10 @@ def bounded(value: Any, low: float, high: float, *, per: Any = None,
             schedule: Any = None) -> Constraint:
     """A hyperparameter in (low, high), optimized as a scaled logit."""
     low, high = float(low), float(high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"bounded() needs finite low and high, got low={low:g}, "
+                         f"high={high:g}; use positive() for (0, inf) or real() for "
+                         "(-inf, inf)")
     if not low < high:
         raise ValueError(f"bounded() needs low < high, got low={low:g}, high={high:g}")
     width = high - low

@@ -2,17 +2,23 @@
 
 An inner optimizer is an optax-style pair of pure functions whose hyperparameters are
 read from ``hparams`` (arrays, so they receive gradients) when the space tunes them, and
-otherwise take the fixed values given to the factory. The inner step is the body of the
-``lax.scan`` in :mod:`hypergrad.unroll`.
+otherwise take the fixed values given to the factory. :func:`from_optax` turns any optax
+optimizer into one; :func:`sgd` and :func:`adam` are written out because they read
+per-layer and per-parameter values leaf by leaf (optax takes scalars) and because the
+reversible estimator recognizes :func:`sgd` and runs it backward. The inner step is the
+body of the ``lax.scan`` in :mod:`hypergrad.unroll`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -39,10 +45,12 @@ class SgdState(NamedTuple):
 
 
 class InnerState(NamedTuple):
-    """The carry of the unroll: weights and inner-optimizer state."""
+    """The carry of the unroll: weights, inner-optimizer state and the model's
+    non-parameter state (BatchNorm statistics; ``None`` for a model without any)."""
 
     params: PyTree
     opt_state: PyTree
+    model_state: PyTree = None
 
 
 def lookup(hparams: Mapping[str, Any], name: str, default: Any, owner: str) -> Any:
@@ -61,6 +69,12 @@ def per_leaf(value: Any, params: PyTree) -> PyTree:
 
     A value with the tree structure of ``params`` is used leaf by leaf; anything else (a
     scalar, or an array that broadcasts against every leaf) is shared by all leaves.
+    This is how code that reads a hyperparameter declared with ``per="layer"``,
+    ``"tensor"`` or ``"parameter"`` (a tree of values, not a number) uses it::
+
+        l2 = hg.inner.per_leaf(hparams["l2"], params)   # a value for every leaf
+        penalty = sum(jnp.sum(c * w ** 2) for c, w in
+                      zip(jax.tree.leaves(l2), jax.tree.leaves(params)))
     """
     if jax.tree.structure(value) == jax.tree.structure(params):  # type: ignore[operator]
         return value
@@ -178,11 +192,162 @@ def by_name(name: str, **fixed: Any) -> InnerOptimizer:
     return makers[name](**fixed)
 
 
+class Schedule(NamedTuple):
+    """An optax schedule factory and its arguments, for :func:`from_optax`; see
+    :func:`schedule`."""
+
+    factory: Callable[..., Callable]
+    values: tuple[tuple[str, Any], ...]
+
+
+def schedule(factory: Callable[..., Callable], **values: Any) -> Schedule:
+    """An optax schedule whose float arguments are hyperparameters, for :func:`from_optax`.
+
+    ``hg.inner.schedule(optax.warmup_cosine_decay_schedule, init_value=0.0,
+    peak_value=0.1, warmup_steps=10, decay_steps=100)``: each float argument (here
+    ``init_value`` and ``peak_value``; integers such as ``warmup_steps`` stay fixed) is
+    read from ``hparams`` under its own name when the space tunes it, and the schedule is
+    rebuilt from those values at every step, so its hypergradient flows to them.
+
+    The factory must accept traced values. ``optax.warmup_cosine_decay_schedule`` tests
+    ``peak_value == 0`` in Python, so it is replaced by :func:`warmup_cosine_decay`, the
+    same schedule written without that test.
+    """
+    import optax
+
+    if factory is optax.warmup_cosine_decay_schedule:
+        factory = warmup_cosine_decay
+    return Schedule(factory, tuple(values.items()))
+
+
+def warmup_cosine_decay(init_value: Any, peak_value: Any, warmup_steps: int,
+                        decay_steps: int, end_value: Any = 0.0,
+                        exponent: Any = 1.0) -> Callable:
+    """``optax.warmup_cosine_decay_schedule`` for traced ``peak_value``: a linear warm-up
+    from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine decay to
+    ``end_value`` at ``decay_steps``; the same values (optax's own pieces, joined)."""
+    import optax
+
+    nonzero = jnp.where(peak_value == 0, 1, peak_value)
+    alpha = jnp.where(peak_value == 0, 0.0, end_value / nonzero)
+    return optax.join_schedules([
+        optax.linear_schedule(init_value, peak_value, warmup_steps),
+        optax.cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent),
+    ], [warmup_steps])
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, float) or (
+        isinstance(value, np.ndarray | jax.Array) and jnp.issubdtype(value.dtype, jnp.floating))
+
+
+def _scalar(value: Any, name: str, owner: str) -> Any:
+    if isinstance(value, Mapping) or len(jax.tree.leaves(value)) != 1:
+        raise ValueError(
+            f"{owner} reads {name} as one number (optax takes scalars), but the space gives "
+            f"it per layer or per tensor: declare it global, or use hg.inner.sgd / "
+            f"hg.inner.adam, which read per-leaf values")
+    return value
+
+
+def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
+    """Any optax optimizer as a differentiable inner optimizer.
+
+    ``hg.inner.from_optax(optax.adamw, learning_rate=0.05, weight_decay=1e-2)``: each
+    float hyperparameter of ``factory`` (those given here, those it has defaults for, and
+    required ones such as ``learning_rate``) is read from ``hparams`` under its own name
+    when the space tunes it, and otherwise keeps the value given here or the factory's
+    default; a required one left out must be tuned. Other arguments (booleans, masks,
+    integers, a fixed schedule function) are passed unchanged. A :func:`schedule`
+    argument is an optax schedule whose own float arguments are hyperparameters.
+
+    Like ``optax.inject_hyperparams``, this calls ``factory`` again inside every update
+    with the current values (traced arrays, so the hypergradient reaches them), but the
+    values are not copied into the optimizer state: they come from ``hparams`` at each
+    step, so per-step schedules of the space (``schedule="per_step"``) work too, and
+    nothing is cast to a lower precision. The optimizer state keeps the dtypes ``init``
+    gave it and the updates keep the weights' dtypes. Hyperparameters are scalars here;
+    per-layer ones need :func:`sgd` or :func:`adam`.
+
+    Args:
+      factory: an optax optimizer factory such as ``optax.adamw``, ``optax.lion`` or
+        ``optax.sgd``.
+      **values: its arguments.
+
+    Returns:
+      an :class:`InnerOptimizer` named ``"optax.NAME"``.
+    """
+    owner = f"from_optax({getattr(factory, '__name__', 'factory')})"
+    signature: Mapping[str, inspect.Parameter]
+    try:
+        signature = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C function: only the given values
+        signature = {}
+    tunable: dict[str, Any] = {}  # name -> fixed value, None if it must be tuned
+    for name, p in signature.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name not in values and p.default is p.empty:
+            tunable[name] = None
+        elif name not in values and _is_float(p.default):
+            tunable[name] = p.default
+    static: dict[str, Any] = {}
+    schedules: dict[str, Schedule] = {}
+    for name, value in values.items():
+        if isinstance(value, Schedule):
+            schedules[name] = value
+        elif _is_float(value):
+            tunable[name] = value
+        else:
+            static[name] = value
+    scheduled: set[str] = set()  # the schedules' arguments, not the factory's
+    for name, sched in schedules.items():
+        tunable.pop(name, None)
+        for arg, value in sched.values:
+            scheduled.add(arg)
+            if _is_float(value):
+                if arg in tunable:
+                    raise ValueError(f"{owner}: the schedule of {name} and the optimizer "
+                                     f"both have an argument {arg!r}; one hyperparameter "
+                                     f"name cannot mean both")
+                tunable[arg] = value
+
+    def kwargs(hparams: Mapping[str, Any], placeholder: bool = False) -> dict[str, Any]:
+        def read(name, default):
+            if placeholder and name not in hparams:
+                return 1.0 if default is None else default
+            return _scalar(lookup(hparams, name, default, owner), name, owner)
+
+        out = dict(static)
+        out.update({n: read(n, d) for n, d in tunable.items() if n not in scheduled
+                    and (n in values or n in hparams or d is None)})
+        for name, sched in schedules.items():
+            args = {a: read(a, v) if _is_float(v) else v for a, v in sched.values}
+            out[name] = sched.factory(**args)
+        return out
+
+    def init(params):
+        return factory(**kwargs({}, placeholder=True)).init(params)
+
+    def update(grads, state, params, hparams):
+        updates, new_state = factory(**kwargs(hparams)).update(grads, state, params)
+        updates = jax.tree.map(lambda u, w: u.astype(w.dtype), updates, params)
+        new_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype),
+                                 new_state, state)
+        return updates, new_state
+
+    # Scalar arrays become floats: the optimizer is static jit data and must hash.
+    defaults = tuple((n, v if v is None or isinstance(v, float) or np.ndim(v) else float(v))
+                     for n, v in tunable.items())
+    return InnerOptimizer(init, update, tuple(tunable), f"optax.{owner[11:-1]}", defaults)
+
+
 HVP_MODES = ("reverse", "forward")
 SymbolicZero = jax.custom_derivatives.SymbolicZero
 
 
-def _check_hvp(hvp: Any) -> str:
+def check_hvp(hvp: Any) -> str:
+    """``hvp`` if it is one of :data:`HVP_MODES`, else a ``ValueError``."""
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp must be 'forward' or 'reverse', got {hvp!r}")
     return hvp
@@ -245,7 +410,7 @@ def value_and_grad(
     must then be a mean over the batch's examples plus terms that do not depend on the
     batch (every built-in task's is). Plain autodiff (``hvp="reverse"``) ignores it.
     """
-    if _check_hvp(hvp) == "reverse":
+    if check_hvp(hvp) == "reverse":
         return jax.value_and_grad(train_loss)
 
     @jax.custom_vjp
@@ -283,18 +448,82 @@ def _instantiate(ct: Any, like: jax.Array) -> jax.Array:
     return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
 
 
+def takes_key(fn: Callable) -> bool:
+    """Whether ``fn`` has a parameter named ``key`` (decided once per function)."""
+    try:
+        return _takes_key(fn)
+    except TypeError:  # an unhashable callable: not cached
+        return _takes_key.__wrapped__(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_key(fn: Callable) -> bool:
+    try:
+        return "key" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def step_loss(train_loss: Callable, stateful: bool) -> Callable:
+    """``train_loss`` as ``f(params, hparams, batch, key, state) -> (loss, state)``.
+
+    A training loss may take a random ``key`` (keyword ``key``, detected by
+    :func:`takes_key`; it gets the step's key) and, for a model with non-parameter state
+    (``stateful``), takes ``state=`` and returns ``(loss, new_state)``. Losses without
+    them are called as ``train_loss(params, hparams, batch)``; the state passes through.
+    """
+    keyed = takes_key(train_loss)
+
+    def f(params, hparams, batch, key, state):
+        kw: dict[str, Any] = {}
+        if keyed:
+            kw["key"] = jax.random.key(0) if key is None else key
+        if stateful:
+            return train_loss(params, hparams, batch, state=state, **kw)
+        return train_loss(params, hparams, batch, **kw), state
+
+    return f
+
+
 def train_step(
     train_loss: Callable, optimizer: InnerOptimizer, hparams: Mapping[str, Any],
     state: InnerState, batch: PyTree, *, hvp: str = "reverse",
-    hvp_batch_size: int | None = None,
+    hvp_batch_size: int | None = None, key: jax.Array | None = None,
 ) -> tuple[InnerState, jax.Array]:
     """One differentiable training step; returns the new state and the batch loss.
 
     ``hvp`` is how reverse mode differentiates through the step's gradient and
     ``hvp_batch_size`` the chunks of its Hessian-vector product (see
-    :func:`value_and_grad`)."""
-    loss, grads = value_and_grad(train_loss, hvp, hvp_batch_size)(
-        state.params, hparams, batch)
+    :func:`value_and_grad`). ``key`` is the step's random key, passed to a
+    ``train_loss`` that takes one (:func:`step_loss`); the model state
+    ``state.model_state``, when not ``None``, is passed as ``state=`` and replaced by
+    the one the loss returns (cast to its dtypes, so the scan's carry keeps its type).
+    """
+    stateful = state.model_state is not None
+    keyed = takes_key(train_loss)
+    if not (stateful or keyed):
+        loss, grads = value_and_grad(train_loss, hvp, hvp_batch_size)(
+            state.params, hparams, batch)
+        model_state = None
+    elif stateful:
+        if hvp == "forward":
+            raise ValueError("hvp='forward' does not carry a model's non-parameter state "
+                             "(BatchNorm statistics); use hvp='reverse'")
+        f = step_loss(train_loss, True)
+        (loss, model_state), grads = jax.value_and_grad(
+            lambda p: f(p, hparams, batch, key, state.model_state), has_aux=True)(state.params)
+        model_state = jax.tree.map(lambda new, old: new.astype(old.dtype), model_state,
+                                   state.model_state)
+    else:
+        if hvp == "forward" and hvp_batch_size is not None:
+            raise ValueError("hvp_batch_size with a train_loss that takes a key: a chunk "
+                             "of the batch would draw different noise than the batch; "
+                             "leave hvp_batch_size None")
+        f = step_loss(train_loss, False)
+        # The key rides with the batch, which is never differentiated.
+        loss, grads = value_and_grad(lambda p, h, bk: f(p, h, bk[0], bk[1], None)[0], hvp)(
+            state.params, hparams, (batch, key))
+        model_state = None
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, hparams)
     params = jax.tree.map(jnp.add, state.params, updates)
-    return InnerState(params, opt_state), loss
+    return InnerState(params, opt_state, model_state), loss

@@ -5,7 +5,11 @@ splits a module into a pure function and a plain dict of arrays, so that ``lax.s
 ``jax.grad`` and ``jax.jvp`` only ever see pytrees. Every model is called as
 ``model(x, slope)``, where ``slope`` is the negative slope of the leaky ReLU (a
 differentiable hyperparameter; 0 gives the plain ReLU), or a list of slopes, one per
-activation layer (:func:`activation_layers`).
+activation layer (:func:`activation_layers`). Training-time noise is functional: a model
+called with ``dropout=rate, key=key`` applies Gaussian dropout (:func:`gaussian_dropout`)
+after every hidden activation, drawn from ``key``; without a key it is the deterministic
+(evaluation) model. A model with BatchNorm keeps its running statistics outside the
+parameters (:func:`stateful`).
 """
 
 import functools
@@ -24,17 +28,26 @@ Params = dict[Any, Any]
 __all__ = [
     "LOSSES",
     "MLP",
+    "BatchNorm",
+    "BatchNormCNN",
     "Conv3x3",
     "Functional",
     "LogisticRegression",
     "SeedCNN",
+    "Stateful",
     "accuracy",
     "activation_layers",
     "cross_entropy",
     "functional",
+    "gaussian_dropout",
+    "gaussian_noise",
     "leaky_relu",
     "loss_by_name",
     "mse",
+    "onehot_mse",
+    "random_translate",
+    "stateful",
+    "translate",
 ]
 
 
@@ -57,7 +70,8 @@ def functional(module: nnx.Module) -> Functional:
     ``apply(params, *args, **kwargs)`` merges the module inside and returns
     ``module(*args, **kwargs)``; it is pure, so it works under ``jit``, ``grad``, ``jvp``
     and ``lax.scan`` and is differentiable in ``params`` and in array arguments such as
-    ``slope``. Any non-parameter state is frozen at its current value.
+    ``slope``. Any non-parameter state is frozen at its current value; use
+    :func:`stateful` for a model whose state (BatchNorm statistics) must evolve.
 
     Args:
       module: the NNX module; it is not modified, and later changes to it are not seen.
@@ -78,6 +92,106 @@ def functional(module: nnx.Module) -> Functional:
         return nnx.merge(graphdef, params, rest)(*args, **kwargs)
 
     return Functional(apply, params)
+
+
+class Stateful(NamedTuple):
+    """A model with non-parameter state as a pure function; unpacks as
+    ``apply, params, state``."""
+
+    apply: Callable[..., tuple[Array, Params]]
+    params: Params
+    state: Params
+
+
+def stateful(module: nnx.Module) -> Stateful:
+    """Split an NNX module with BatchNorm into a pure function, parameters and state.
+
+    ``state`` is ``nnx.to_pure_dict`` of the module's ``nnx.BatchStat`` variables (running
+    means and variances). ``apply(params, state, *args, **kwargs) -> (output, new_state)``
+    merges both, calls the module, and returns the statistics after the call: updated
+    when the module runs in training mode (``train=True`` for :class:`BatchNormCNN`),
+    unchanged otherwise. The new state is a function of ``params`` and ``state``, so
+    carrying it through a ``lax.scan`` differentiates it too.
+    """
+    graphdef, params_state, stats, rest = nnx.split(  # type: ignore[misc]
+        module, nnx.Param, nnx.BatchStat, ...)
+    params, state = nnx.to_pure_dict(params_state), nnx.to_pure_dict(stats)
+
+    def apply(params: Params, state: Params, *args: Any, **kwargs: Any):
+        model = nnx.merge(graphdef, params, state, rest)
+        out = model(*args, **kwargs)
+        return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    return Stateful(apply, params, state)
+
+
+# --------------------------------------------------------------------------------------
+# Training-time noise: each a function of a key and a differentiable strength
+
+
+def gaussian_dropout(key: Array, x: Array, rate: Array | float) -> Array:
+    """Gaussian dropout: ``x * (1 + sqrt(rate / (1 - rate)) * z)``, ``z ~ N(0, 1)``.
+
+    The multiplicative noise has the mean (1) and variance (``rate / (1 - rate)``) of
+    inverted Bernoulli dropout with drop probability ``rate`` (Srivastava et al. 2014,
+    §10; Wang & Manning 2013), but for a fixed ``z`` it is a smooth function of
+    ``rate``, so the hypergradient of the rate is the exact derivative of the sampled
+    objective: central differences with the same key agree with it. (A relaxed Bernoulli
+    mask would need a temperature, a second hyperparameter, and is biased for any
+    positive one.) ``rate`` must lie in ``[0, 1)``; at 0 nothing is drawn into ``x``.
+    """
+    rate = jnp.asarray(rate, x.dtype)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return x * (1 + jnp.sqrt(rate / (1 - rate)) * z)
+
+
+def gaussian_noise(key: Array, x: Array, std: Array | float) -> Array:
+    """``x + std * z`` with ``z ~ N(0, 1)`` of ``x``'s shape: additive input noise,
+    differentiable in ``std``."""
+    return x + jnp.asarray(std, x.dtype) * jax.random.normal(key, x.shape, x.dtype)
+
+
+def translate(x: Array, shift: Array, image_shape: tuple[int, ...]) -> Array:
+    """Shift each image by a real number of pixels, bilinearly, with zero padding.
+
+    ``out[n, i, j] = sum_{a, b} k(i - shift[n, 0] - a) k(j - shift[n, 1] - b) x[n, a, b]``
+    with the tent kernel ``k(u) = max(0, 1 - |u|)``: an integer shift moves the image
+    exactly; in between it interpolates. Piecewise linear in ``shift`` (kinks only where
+    a shift crosses an integer), so differentiable almost everywhere.
+
+    Args:
+      x: ``N`` images, shaped ``(N, H, W, C)`` or anything of ``N`` rows that reshapes to
+        it (flat digits).
+      shift: ``(N, 2)`` shifts in pixels, down and right.
+      image_shape: ``(H, W, C)``.
+    """
+    h, w, c = image_shape
+    imgs = x.reshape(x.shape[0], h, w, c)
+    shift = shift.astype(imgs.dtype)
+
+    def tent(size, s):  # (N, size, size): weight of source pixel b in output pixel a
+        a = jnp.arange(size, dtype=imgs.dtype)
+        u = a[None, :, None] - s[:, None, None] - a[None, None, :]
+        return jnp.maximum(0, 1 - jnp.abs(u))
+
+    out = jnp.einsum("nia,najc,nbj->nibc", tent(h, shift[:, 0]), imgs,
+                     tent(w, shift[:, 1]))
+    return out.reshape(x.shape)
+
+
+def random_translate(key: Array, x: Array, strength: Array | float,
+                     image_shape: tuple[int, ...]) -> Array:
+    """Translate each image by ``strength * u`` pixels, ``u ~ U(-1, 1)^2`` per image
+    (:func:`translate`); differentiable in ``strength``."""
+    u = jax.random.uniform(key, (x.shape[0], 2), x.dtype, -1.0, 1.0)
+    return translate(x, jnp.asarray(strength, x.dtype) * u, image_shape)
+
+
+def _dropout(x: Array, rate: Any, key: Array | None, i: int) -> Array:
+    """Gaussian dropout of hidden layer ``i`` when training (a key is given)."""
+    if key is None or rate is None:
+        return x
+    return gaussian_dropout(jax.random.fold_in(key, i), x, rate)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,6 +296,48 @@ def _flatten(x: Array) -> Array:
     return x.reshape(x.shape[0], -1)
 
 
+class BatchNorm(nnx.Module):
+    """Batch normalization over every axis but the last (Ioffe & Szegedy 2015).
+
+    In training mode it normalizes with the batch's mean and (biased) variance and
+    moves the running statistics towards them, ``r <- momentum r + (1 - momentum) b``;
+    otherwise it normalizes with the running statistics. Unlike ``nnx.BatchNorm``, which
+    updates its statistics under ``stop_gradient``, the update stays differentiable, so
+    a hypergradient sees how the hyperparameters moved the statistics the validation
+    loss uses. The statistics are ``nnx.BatchStat`` variables in ``param_dtype``.
+
+    Args:
+      features: the size of the last axis.
+      momentum: the running statistics' decay per training call.
+      epsilon: added to the variance.
+      param_dtype: dtype of the scale, bias and statistics.
+    """
+
+    def __init__(self, features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+                 param_dtype: Any = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((features,), param_dtype))
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean((x - mean.reshape((1,) * len(axes) + (-1,))) ** 2, axis=axes)
+            m = self.momentum
+            old_mean, old_var = self.mean[...], self.var[...]
+            self.mean[...] = (m * old_mean + (1 - m) * mean).astype(old_mean.dtype)
+            self.var[...] = (m * old_var + (1 - m) * var).astype(old_var.dtype)
+        else:
+            mean, var = self.mean[...], self.var[...]
+        shape = (1,) * len(axes) + (-1,)
+        scale = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        return ((x - mean.reshape(shape)) * scale.reshape(shape)
+                + self.bias[...].reshape(shape)).astype(x.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # Models
 
@@ -216,10 +372,55 @@ class SeedCNN(nnx.Module):
         h, w = image_shape
         self.head = _dense(h * w * widths[-1], num_classes, rngs, param_dtype)
 
-    def __call__(self, x: Array, slope: Array | float | Sequence) -> Array:
+    def __call__(self, x: Array, slope: Array | float | Sequence, *, dropout: Any = None,
+                 key: Array | None = None) -> Array:
+        """Logits; with a ``key``, Gaussian dropout at rate ``dropout`` after every
+        activation (:func:`gaussian_dropout`)."""
         x = x.reshape(x.shape[0], *self.input_shape)
         for i, conv in enumerate(self.convs):
-            x = leaky_relu(conv(x), _slope(slope, i))
+            x = _dropout(leaky_relu(conv(x), _slope(slope, i)), dropout, key, i)
+        return self.head(_flatten(x))
+
+    def activations(self) -> list[tuple[Any, ...]]:
+        """The paths of the convolutions, each followed by a leaky ReLU."""
+        return [("convs", i) for i in range(len(self.convs))]
+
+
+class BatchNormCNN(nnx.Module):
+    """:class:`SeedCNN` with BatchNorm between each convolution and its leaky ReLU.
+
+    Called as ``model(x, slope, train=False)``: in training mode each BatchNorm
+    normalizes with the batch's statistics and updates its running averages (momentum
+    ``momentum``); otherwise it uses the running averages. Use it through
+    :func:`stateful`, which carries the statistics as explicit state.
+
+    Args:
+      rngs, in_channels, channels, num_classes, image_shape, conv, param_dtype: as for
+        :class:`SeedCNN`; the running statistics take ``param_dtype`` too.
+      momentum: the running averages' decay per training call.
+    """
+
+    def __init__(self, rngs: nnx.Rngs, *, in_channels: int = 1,
+                 channels: Sequence[int] = (8, 16, 16), num_classes: int = 10,
+                 image_shape: tuple[int, int] = (8, 8), conv: str = "auto",
+                 param_dtype: Any = jnp.float32, momentum: float = 0.9):
+        self.input_shape = (*image_shape, in_channels)
+        widths = (in_channels, *channels)
+        self.convs = nnx.List([
+            Conv3x3(cin, cout, rngs=rngs, conv=conv, param_dtype=param_dtype)
+            for cin, cout in zip(widths[:-1], widths[1:], strict=True)
+        ])
+        self.norms = nnx.List([BatchNorm(cout, momentum=momentum, param_dtype=param_dtype)
+                               for cout in channels])
+        h, w = image_shape
+        self.head = _dense(h * w * widths[-1], num_classes, rngs, param_dtype)
+
+    def __call__(self, x: Array, slope: Array | float | Sequence, *, train: bool = False,
+                 dropout: Any = None, key: Array | None = None) -> Array:
+        x = x.reshape(x.shape[0], *self.input_shape)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x = norm(conv(x), train=train)
+            x = _dropout(leaky_relu(x, _slope(slope, i)), dropout, key, i)
         return self.head(_flatten(x))
 
     def activations(self) -> list[tuple[Any, ...]]:
@@ -243,12 +444,15 @@ class MLP(nnx.Module):
             for din, dout in zip(sizes[:-1], sizes[1:], strict=True)
         ])
 
-    def __call__(self, x: Array, slope: Array | float | Sequence) -> Array:
+    def __call__(self, x: Array, slope: Array | float | Sequence, *, dropout: Any = None,
+                 key: Array | None = None) -> Array:
+        """Logits; with a ``key``, Gaussian dropout at rate ``dropout`` after every
+        hidden activation (:func:`gaussian_dropout`)."""
         x = _flatten(x)
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = leaky_relu(x, _slope(slope, i))
+                x = _dropout(leaky_relu(x, _slope(slope, i)), dropout, key, i)
         return x
 
     def activations(self) -> list[tuple[Any, ...]]:
@@ -272,20 +476,34 @@ class LogisticRegression(nnx.Module):
                  param_dtype: Any = jnp.float32):
         self.linear = _dense(in_features, num_classes, rngs, param_dtype)
 
-    def __call__(self, x: Array, slope: Array | float | None = None) -> Array:
+    def __call__(self, x: Array, slope: Array | float | None = None, *,
+                 dropout: Any = None, key: Array | None = None) -> Array:
+        """Logits; with a ``key``, Gaussian dropout at rate ``dropout`` on the inputs."""
         del slope
-        return self.linear(_flatten(x))
+        return self.linear(_dropout(_flatten(x), dropout, key, 0))
 
 
 # --------------------------------------------------------------------------------------
-# Losses: logits (N, K), integer labels (N,) -> scalar batch mean
+# Losses: logits (N, K), integer labels (N,) -> scalar batch mean (mse: any shape)
 
 
-def mse(logits: Array, labels: Array) -> Array:
-    """Squared error to one-hot targets: ``mean_n sum_k (logits[n, k] - onehot[n, k])**2``.
+def mse(predictions: Array, targets: Array) -> Array:
+    """Mean squared error for regression: ``mean((predictions - targets)**2)`` over all
+    elements. The shapes must match (for class labels use :func:`onehot_mse`)."""
+    if jnp.shape(predictions) != jnp.shape(targets):
+        raise ValueError(
+            f"mse compares arrays of one shape, got {jnp.shape(predictions)} and "
+            f"{jnp.shape(targets)}; for logits against integer labels use onehot_mse")
+    return jnp.mean((predictions - targets) ** 2)
+
+
+def onehot_mse(logits: Array, labels: Array) -> Array:
+    """Squared error of logits to one-hot targets:
+    ``mean_n sum_k (logits[n, k] - onehot(labels)[n, k])**2``.
 
     The sum runs over classes and the mean over examples (the seed's convention); divide
-    by the number of classes for the per-element mean.
+    by the number of classes for the per-element mean. This is the loss ``loss="mse"``
+    of the classification tasks and experiments.
     """
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     return jnp.mean(jnp.sum((logits - onehot) ** 2, axis=-1))
@@ -301,11 +519,13 @@ def accuracy(logits: Array, labels: Array) -> Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
 
 
-LOSSES: dict[str, Callable[[Array, Array], Array]] = {"mse": mse, "ce": cross_entropy}
+# Classification losses by config name: "mse" is the one-hot squared error.
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {"mse": onehot_mse, "ce": cross_entropy}
 
 
 def loss_by_name(name: str) -> Callable[[Array, Array], Array]:
-    """The loss called ``name`` in :data:`LOSSES` (``"mse"`` or ``"ce"``)."""
+    """The classification loss called ``name`` in :data:`LOSSES` (``"mse"``, squared
+    error to one-hot targets, or ``"ce"``)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(map(repr, LOSSES))}")
     return LOSSES[name]

@@ -9,6 +9,7 @@ static.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad.hparams import HyperSpace
-from hypergrad.inner import InnerOptimizer, batch_mean
+from hypergrad.inner import InnerOptimizer, batch_mean, step_loss, takes_key
+from hypergrad.messages import show
 
 PyTree = Any
 
@@ -30,6 +32,10 @@ class Task:
       params: initial weights (a pytree), or a function ``(key, hparams) -> params`` so the
         initialization itself can depend on hyperparameters.
       train_loss: ``f(params, hparams, batch) -> scalar``, minimized by the inner loop.
+        With a parameter named ``key`` (``f(params, hparams, batch, key)``, detected
+        from its signature) it gets a fresh random key at every step for dropout or data
+        augmentation: :func:`hypergrad.unroll.step_key`, a function of the run's key and
+        the step, so one key gives one training run under every estimator.
       val_loss: ``g(params, hparams, batch) -> scalar``, the outer objective at the
         trained weights (evaluated on all of ``val_data``).
       train_data, val_data: pytrees of arrays whose leading axis indexes examples.
@@ -49,11 +55,17 @@ class Task:
         Plain autodiff, and estimators that do not backpropagate through the steps,
         ignore it. Only for a ``train_loss`` that is a mean over examples plus terms that
         do not depend on the batch (every built-in task's is).
+      state: the model's initial non-parameter state (BatchNorm running statistics, a
+        pytree of arrays), carried through the unroll and differentiated like the
+        weights; ``None`` for a model without any. With a state the losses are called
+        as ``f(params, hparams, batch, state=s) -> (loss, new_state)`` (``key=`` too if
+        it takes one) and ``g(params, hparams, batch, state=s) -> scalar`` with the
+        state after the last step. The optimizer updates ``params`` only.
     """
 
     params: PyTree | Callable[[jax.Array, Any], PyTree]
-    train_loss: Callable[[PyTree, Any, PyTree], jax.Array]
-    val_loss: Callable[[PyTree, Any, PyTree], jax.Array]
+    train_loss: Callable[..., Any]
+    val_loss: Callable[..., jax.Array]
     train_data: PyTree
     val_data: PyTree
     space: HyperSpace
@@ -62,17 +74,35 @@ class Task:
     batch_size: int | None = None
     val_batch_size: int | None = None
     hvp_batch_size: int | None = None
+    state: PyTree = None
 
     def __post_init__(self):
+        if not isinstance(self.optimizer, InnerOptimizer):
+            import optax  # only to name the usual mistake
+
+            if isinstance(self.optimizer, optax.GradientTransformation):
+                raise TypeError(
+                    "optimizer is a plain optax GradientTransformation, whose "
+                    "hyperparameters are constants; pass its factory instead: "
+                    "hg.inner.from_optax(optax.adamw, learning_rate=0.05)")
+            raise TypeError(f"optimizer must be an hg.inner.InnerOptimizer (hg.inner.sgd(), "
+                            f"hg.inner.from_optax(...)), got {type(self.optimizer).__name__}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.space, HyperSpace):
             raise TypeError(f"space must be a HyperSpace, got {type(self.space).__name__}")
-        n = self.num_examples
         for name, data in (("train_data", self.train_data), ("val_data", self.val_data)):
-            sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(data)}
+            sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
+                     for leaf in jax.tree.leaves(data)}
+            if not sizes:
+                raise ValueError(f"{name} holds no arrays")
             if len(sizes) != 1 or None in sizes:
-                raise ValueError(f"{name} leaves must share one leading (example) axis")
+                shapes = [np.shape(leaf) for leaf in jax.tree.leaves(data)]
+                raise ValueError(f"{name} leaves must be arrays sharing one leading "
+                                 f"(example) axis, got shapes {show(shapes)}")
+            if sizes == {0}:
+                raise ValueError(f"{name} holds 0 examples; it needs at least 1")
+        n = self.num_examples
         if self.batch_size is not None:
             b = self.batch_size
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
@@ -110,20 +140,44 @@ class Task:
             return self.params
         return self.params(key, self.space.at_step(hparams, 0))
 
-    def validation_loss(self, params: PyTree, hparams: Any) -> jax.Array:
-        """``val_loss`` on all of ``val_data``, with ``hparams`` as read at the last step."""
-        return self.mean_val_loss(params, self.space.at_step(hparams, self.steps - 1))
+    @property
+    def stateful(self) -> bool:
+        """Whether the model carries non-parameter state (``state`` is not ``None``)."""
+        return self.state is not None
 
-    def mean_val_loss(self, params: PyTree, hp: Any) -> jax.Array:
+    @property
+    def stochastic(self) -> bool:
+        """Whether ``train_loss`` takes a random ``key`` (a parameter of that name)."""
+        return takes_key(self.train_loss)
+
+    def validation_loss(self, params: PyTree, hparams: Any, state: PyTree = None) -> jax.Array:
+        """``val_loss`` on all of ``val_data``, with ``hparams`` as read at the last step
+        (and the trained model ``state`` for a stateful task)."""
+        return self.mean_val_loss(params, self.space.at_step(hparams, self.steps - 1), state)
+
+    def mean_val_loss(self, params: PyTree, hp: Any, state: PyTree = None) -> jax.Array:
         """``val_loss(params, hp, val_data)`` with ``hp`` already read at a step; in
         chunks of ``val_batch_size`` (a ``lax.scan`` whose body is rematerialized, so the
         backward pass also holds one chunk at a time) when that is set."""
-        return batch_mean(lambda chunk: self.val_loss(params, hp, chunk), self.val_data,
-                          self.val_batch_size)
+        if not self.stateful:
+            return batch_mean(lambda chunk: self.val_loss(params, hp, chunk), self.val_data,
+                              self.val_batch_size)
+        if state is None:
+            raise ValueError("this task's model has state (BatchNorm statistics): pass the "
+                             "trained state=, as hypergrad.unroll.objective does")
+        return batch_mean(lambda chunk: self.val_loss(params, hp, chunk, state=state),
+                          self.val_data, self.val_batch_size)
 
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+class UndeclaredHyperparameter(KeyError):
+    """A task function read a hyperparameter the space does not declare."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
 
 
 class _Reads(dict):
@@ -135,6 +189,12 @@ class _Reads(dict):
 
     def __getitem__(self, key):
         self.read.add(key)
+        if key not in self:
+            close = difflib.get_close_matches(str(key), [str(k) for k in self], n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise UndeclaredHyperparameter(
+                f"the task reads hyperparameter {key!r}, which the HyperSpace does not "
+                f"declare (it declares {', '.join(map(repr, self)) or 'nothing'}){hint}")
         return super().__getitem__(key)
 
     def get(self, key, default=None):
@@ -168,9 +228,14 @@ def _check_reads(task: Task) -> None:
     def probe():
         params = task.params(jax.random.key(0), hparams) if callable(task.params) \
             else task.params
-        grads = jax.grad(task.train_loss)(params, hparams, head(task.train_data))
+        loss = step_loss(task.train_loss, task.stateful)
+        grads, state = jax.grad(loss, has_aux=True)(
+            params, hparams, head(task.train_data), jax.random.key(0), task.state)
         task.optimizer.update(grads, task.optimizer.init(params), params, hparams)
-        task.val_loss(params, hparams, head(task.val_data))
+        if task.stateful:
+            task.val_loss(params, hparams, head(task.val_data), state=state)
+        else:
+            task.val_loss(params, hparams, head(task.val_data))
 
     jax.eval_shape(probe)
     unread = [n for n in space.names if n not in hparams.read]
@@ -187,7 +252,7 @@ def _flatten(task: Task):
     arrays = None if fn is not None else task.params
     static = (fn, task.train_loss, task.val_loss, task.space, task.optimizer,
               task.steps, task.batch_size, task.val_batch_size, task.hvp_batch_size)
-    return (arrays, task.train_data, task.val_data), static
+    return (arrays, task.train_data, task.val_data, task.state), static
 
 
 def _unflatten(static, children) -> Task:
@@ -195,11 +260,11 @@ def _unflatten(static, children) -> Task:
     task = object.__new__(Task)
     (fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size,
      hvp_batch_size) = static
-    arrays, train_data, val_data = children
+    arrays, train_data, val_data, state = children
     values = dict(params=fn if fn is not None else arrays, train_loss=train_loss,
                   val_loss=val_loss, train_data=train_data, val_data=val_data, space=space,
                   optimizer=optimizer, steps=steps, batch_size=batch_size,
-                  val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size)
+                  val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size, state=state)
     for name, value in values.items():
         object.__setattr__(task, name, value)
     return task
@@ -208,13 +273,16 @@ def _unflatten(static, children) -> Task:
 jax.tree_util.register_pytree_node(Task, _flatten, _unflatten)
 
 
-MODEL_HPARAMS = ("leaky_slope", "loss_mix", "label_smoothing", "init_scale", "example_weight")
+MODEL_HPARAMS = ("leaky_slope", "loss_mix", "label_smoothing", "init_scale", "example_weight",
+                 "dropout", "augment_shift", "augment_noise")
+NOISE_HPARAMS = ("dropout", "augment_shift", "augment_noise")
 
 
 def classification(
     model: Any, data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", optimizer: InnerOptimizer | None = None, slope: float = 0.0,
-    val_batch_size: int | None = None,
+    val_batch_size: int | None = None, dropout: float = 0.0, augment_shift: float = 0.0,
+    augment_noise: float = 0.0,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """A classification task from an NNX model called as ``model(x, slope)``.
 
@@ -230,9 +298,18 @@ def classification(
     - ``example_weight``: one real value per training example; example ``i`` weighs
       ``sigmoid(example_weight[i])`` in the training loss (data hyper-cleaning,
       Franceschi et al. 2017).
+    - ``dropout``: the rate of Gaussian dropout after every hidden activation while
+      training (:func:`hypergrad.models.gaussian_dropout`; declare it ``unit``).
+    - ``augment_shift``: training images are translated by up to this many pixels in
+      each direction, by a uniform random real amount per image, bilinearly
+      (:func:`hypergrad.models.random_translate`).
+    - ``augment_noise``: the standard deviation of Gaussian noise added to training
+      inputs (:func:`hypergrad.models.gaussian_noise`).
 
-    The validation loss is always the plain ``loss`` on the validation set, so no
-    hyperparameter can lower it except through the trained weights.
+    The last three draw fresh noise at every inner step (the train loss then takes a
+    ``key``, see :class:`Task`); untuned, they keep the fixed values given here (0: off).
+    The validation loss is always the plain ``loss`` on the clean validation set, with
+    no dropout, so no hyperparameter can lower it except through the trained weights.
 
     Args:
       model: an NNX module (see :mod:`hypergrad.models`).
@@ -243,6 +320,7 @@ def classification(
       optimizer: the inner optimizer; :func:`hypergrad.inner.sgd` by default.
       slope: the fixed leaky-ReLU slope when the space does not tune it.
       val_batch_size: the validation loss's chunk size (see :class:`Task`).
+      dropout, augment_shift, augment_noise: the fixed values when not tuned.
 
     Returns:
       ``(task, predict)`` with ``predict(params, hparams, x) -> logits``.
@@ -254,6 +332,9 @@ def classification(
     loss_fn = models.loss_by_name(loss)
     layers = models.activation_layers(model)
     tuned = set(space.names)
+    fixed = {"dropout": dropout, "augment_shift": augment_shift, "augment_noise": augment_noise}
+    noise = {name for name in NOISE_HPARAMS if name in tuned or fixed[name]}
+    image_shape = tuple(data.input_shape) if "augment_shift" in noise else ()
 
     def slopes(hparams):
         value = lookup(hparams, "leaky_slope", slope, "the model")
@@ -268,9 +349,26 @@ def classification(
         x, y = batch[0], batch[1]
         return loss_fn(predict(params, hparams, x), y)
 
-    def train_loss(params, hparams, batch):
+    def train_logits(params, hparams, x, key):
+        if key is None or not noise:
+            return predict(params, hparams, x)
+
+        def value(name):
+            return lookup(hparams, name, fixed[name], "the task")
+
+        if "augment_shift" in noise:
+            x = models.random_translate(jax.random.fold_in(key, 0), x,
+                                        value("augment_shift"), image_shape)
+        if "augment_noise" in noise:
+            x = models.gaussian_noise(jax.random.fold_in(key, 1), x, value("augment_noise"))
+        if "dropout" not in noise:
+            return predict(params, hparams, x)
+        return apply(params, x, slopes(hparams), dropout=value("dropout"),
+                     key=jax.random.fold_in(key, 2))
+
+    def loss_with(params, hparams, batch, key):
         x, y = batch[0], batch[1]
-        logits = predict(params, hparams, x)
+        logits = train_logits(params, hparams, x, key)
         if not tuned & {"loss_mix", "label_smoothing", "example_weight"}:
             return loss_fn(logits, y)
         classes = logits.shape[-1]
@@ -290,6 +388,15 @@ def classification(
         if "example_weight" in hparams:
             losses = jax.nn.sigmoid(hparams["example_weight"][batch[2]]) * losses
         return jnp.mean(losses)
+
+    train_loss: Callable[..., jax.Array]
+    if noise:
+        def train_loss(params, hparams, batch, key=None):
+            """The training loss on the batch with this step's noise (none without a key)."""
+            return loss_with(params, hparams, batch, key)
+    else:
+        def train_loss(params, hparams, batch):
+            return loss_with(params, hparams, batch, None)
 
     train_data = data.train
     if "example_weight" in tuned:
@@ -333,13 +440,14 @@ def seed_cnn(
     data: Any, space: HyperSpace, *, steps: int, batch_size: int | None = None,
     loss: str = "mse", seed: int = 0, channels: tuple[int, ...] = (8, 16, 16),
     conv: str = "auto", dtype: Any = None, optimizer: InnerOptimizer | None = None,
-    val_batch_size: int | None = None,
+    val_batch_size: int | None = None, **noise: float,
 ) -> tuple[Task, Callable[[PyTree, Any, jax.Array], jax.Array]]:
     """The seed CNN (three 3x3 convolutions with leaky ReLU, a dense head) on ``data``.
 
     Trained by ``optimizer``, :func:`hypergrad.inner.sgd` by default, which reads
     learning rate, momentum and weight decay from ``hparams``; see
-    :func:`classification` for the rest.
+    :func:`classification` for the rest (``noise``: the fixed ``dropout``,
+    ``augment_shift`` and ``augment_noise``).
     """
     from flax import nnx
 
@@ -350,4 +458,4 @@ def seed_cnn(
                     num_classes=data.num_classes, image_shape=tuple(image_shape), conv=conv,
                     param_dtype=dtype or data.train[0].dtype)
     return classification(model, data, space, steps=steps, batch_size=batch_size, loss=loss,
-                          optimizer=optimizer, val_batch_size=val_batch_size)
+                          optimizer=optimizer, val_batch_size=val_batch_size, **noise)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hypergrad.inner import InnerState, _check_hvp, train_step
+from hypergrad.inner import InnerState, check_hvp, takes_key, train_step
 from hypergrad.task import Task
 
 PyTree = Any
@@ -33,7 +33,7 @@ def batch_indices(key: jax.Array, num_examples: int, batch_size: int, steps: int
     return idx[:steps].astype(jnp.int32)
 
 
-def _check_policy(checkpoint: Any) -> int | str | None:
+def check_policy(checkpoint: Any) -> int | str | None:
     """Normalize a checkpoint policy to ``None`` (store everything), ``"step"``, a chunk
     length k > 1, or ``"nested"``."""
     if checkpoint is None or checkpoint == "none":
@@ -88,15 +88,27 @@ def _scan(body, carry, xs, length: int, every: int | str | None):
     return carry, ys
 
 
+def step_key(data_key: jax.Array, step: Any) -> jax.Array:
+    """The random key of inner step ``step``, given to a ``train_loss`` that takes one.
+
+    ``fold_in(fold_in(data_key, 1), step)``: a function of the run's key and the step
+    index only, so the same key gives the same noise at every step whichever estimator,
+    checkpoint policy or segmentation runs it (a stream apart from the minibatch order,
+    which :func:`batch_indices` draws from ``data_key`` by splitting).
+    """
+    return jax.random.fold_in(jax.random.fold_in(data_key, 1), step)
+
+
 def start(task: Task, hparams: Any, key: jax.Array) -> tuple[InnerState, jax.Array]:
-    """The state before the first inner step, and the key that orders the minibatches.
+    """The state before the first inner step, and the key that orders the minibatches
+    (and, through :func:`step_key`, draws each step's noise).
 
     ``key`` is split exactly as :func:`unroll` splits it, so ``start`` followed by
     :func:`resume` over ``[0, steps)`` is the same training run as ``unroll``.
     """
     init_key, data_key = jax.random.split(key)
     params = task.init_params(init_key, hparams)
-    return InnerState(params, task.optimizer.init(params)), data_key
+    return InnerState(params, task.optimizer.init(params), task.state), data_key
 
 
 def resume(
@@ -137,8 +149,8 @@ def segment(
     ``begin`` one compiled function serves every segment of an online run. The caller
     keeps ``begin + length <= task.steps``.
     """
-    every = _check_policy(checkpoint)
-    _check_hvp(hvp)
+    every = check_policy(checkpoint)
+    check_hvp(hvp)
     data = task.train_data
     space = task.space
     # Scheduled hyperparameters enter each step as scan inputs (their values at steps
@@ -146,22 +158,25 @@ def segment(
     schedule = space.step_values(hparams, begin + jnp.arange(length)) if space.scheduled \
         else None
 
-    def step(s, idx, values):
+    def step(s, idx, values, t):
         batch = data if idx is None else jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+        key = None if t is None else step_key(data_key, t)
         return train_step(task.train_loss, task.optimizer, space.expand(hparams, values), s,
-                          batch, hvp=hvp, hvp_batch_size=task.hvp_batch_size)
+                          batch, hvp=hvp, hvp_batch_size=task.hvp_batch_size, key=key)
 
     if task.batch_size is None:
         idx = None
     else:
         idx = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
         idx = jax.lax.dynamic_slice_in_dim(idx, begin, length)
+    # A train_loss that takes a key gets step_key(data_key, t) at step t.
+    ts = begin + jnp.arange(length) if takes_key(task.train_loss) else None
     xs: Any
-    if idx is None and schedule is None:
+    if idx is None and schedule is None and ts is None:
         xs = None if every is None else jnp.zeros((length, 0))  # an axis to chunk
-        body = lambda s, _: step(s, None, None)  # noqa: E731
+        body = lambda s, _: step(s, None, None, None)  # noqa: E731
     else:
-        xs = (idx, schedule)
+        xs = (idx, schedule, ts)
         body = lambda s, x: step(s, *x)  # noqa: E731
     return _scan(body, state, xs, length, every)
 
@@ -175,8 +190,9 @@ def unroll(
     Args:
       task: the bilevel problem.
       hparams: hyperparameters in natural units.
-      key: decides the initial weights (when ``task.params`` is a function) and the
-        minibatch order; the same key gives the same training run.
+      key: decides the initial weights (when ``task.params`` is a function), the
+        minibatch order and each step's noise (:func:`step_key`, for a ``train_loss``
+        that takes a key); the same key gives the same training run.
       checkpoint: ``None`` keeps every step's activations for the backward pass;
         ``"step"`` keeps only each step's weights; an integer k keeps the weights every k
         steps and recomputes the rest; ``"nested"`` checkpoints at two levels (memory
@@ -190,10 +206,27 @@ def unroll(
     Returns:
       ``(params_T, train_losses)``, the trained weights and each step's batch loss.
     """
-    _check_policy(checkpoint)
-    state, data_key = start(task, hparams, key)
-    state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint, hvp=hvp)
+    state, losses = train(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
     return state.params, losses
+
+
+def train(
+    task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any = None,
+    hvp: str = "reverse",
+) -> tuple[InnerState, jax.Array]:
+    """:func:`unroll`, returning the whole final :class:`hypergrad.inner.InnerState`
+    (weights, optimizer state, model state) instead of the weights alone."""
+    check_policy(checkpoint)
+    state, data_key = start(task, hparams, key)
+    return resume(task, hparams, state, data_key, 0, checkpoint=checkpoint, hvp=hvp)
+
+
+def _outcome(task: Task, hparams: Any, state: InnerState, losses: jax.Array):
+    value = task.validation_loss(state.params, hparams, state=state.model_state)
+    aux = {"train_loss": losses[-1], "train_losses": losses, "params": state.params}
+    if state.model_state is not None:
+        aux["model_state"] = state.model_state
+    return value, aux
 
 
 def objective(
@@ -203,12 +236,12 @@ def objective(
 
     Returns:
       ``(val_loss, aux)`` where ``aux`` holds ``train_loss`` (the last step's batch loss),
-      ``train_losses`` (every step's) and ``params`` (the trained weights).
+      ``train_losses`` (every step's), ``params`` (the trained weights) and, for a task
+      with model state, ``model_state`` (the state the validation loss used).
     """
     hparams = task.space.constrain(phi)
-    params, losses = unroll(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
-    value = task.validation_loss(params, hparams)
-    return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
+    state, losses = train(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
+    return _outcome(task, hparams, state, losses)
 
 
 def truncated_unroll(
@@ -222,17 +255,22 @@ def truncated_unroll(
     K-step truncated hypergradient of Shaban et al. (2019). ``window >= T`` is the full
     unroll. Same key, same minibatches as :func:`unroll`.
     """
-    window = _check_window(window)
+    state, losses = _truncated_train(task, hparams, key, window, checkpoint=checkpoint,
+                                     hvp=hvp)
+    return state.params, losses
+
+
+def _truncated_train(task: Task, hparams: Any, key: jax.Array, window: int, *,
+                     checkpoint: Any, hvp: str) -> tuple[InnerState, jax.Array]:
+    window = check_window(window)
     state, data_key = start(task, hparams, key)
     cut = max(task.steps - window, 0)
     if cut == 0:
-        state, losses = resume(task, hparams, state, data_key, 0, checkpoint=checkpoint,
-                               hvp=hvp)
-        return state.params, losses
+        return resume(task, hparams, state, data_key, 0, checkpoint=checkpoint, hvp=hvp)
     state, head = resume(task, hparams, state, data_key, 0, cut)
     state = jax.lax.stop_gradient(state)
     state, tail = resume(task, hparams, state, data_key, cut, checkpoint=checkpoint, hvp=hvp)
-    return state.params, jnp.concatenate([head, tail])
+    return state, jnp.concatenate([head, tail])
 
 
 def truncated_objective(
@@ -241,13 +279,13 @@ def truncated_objective(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient."""
     hparams = task.space.constrain(phi)
-    params, losses = truncated_unroll(task, hparams, key, window, checkpoint=checkpoint,
-                                      hvp=hvp)
-    value = task.validation_loss(params, hparams)
-    return value, {"train_loss": losses[-1], "train_losses": losses, "params": params}
+    state, losses = _truncated_train(task, hparams, key, window, checkpoint=checkpoint,
+                                     hvp=hvp)
+    return _outcome(task, hparams, state, losses)
 
 
-def _check_window(window: Any) -> int:
+def check_window(window: Any) -> int:
+    """``window`` if it is a positive integer, else a ``ValueError``."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive integer, got {window!r}")
     return window

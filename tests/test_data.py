@@ -42,8 +42,12 @@ def test_errors():
         hg.data.load("mnistt")
     with pytest.raises(hg.data.DataError, match="exceeds the 1797 examples"):
         hg.data.load("digits", train_size=1500, val_size=400, test_size=10)
-    with pytest.raises(hg.data.DataError, match="test_size must be at least 1"):
+    # The test split is the rest: say that train + val take too much, not "test_size".
+    with pytest.raises(hg.data.DataError, match="train_size \\+ val_size = 1900 exceeds the "
+                                                "1797 examples available; lower train_size"):
         hg.data.load("digits", train_size=1500, val_size=400)
+    with pytest.raises(hg.data.DataError, match="= 1797 leaves no test split of the 1797"):
+        hg.data.load("digits", train_size=1397, val_size=400)
 
 
 # --- MNIST-format files and npz, written here ---------------------------------------------
@@ -228,6 +232,44 @@ def test_missing_and_unusable_sources(tmp_path):
         assert message in str(e.value) and "\n" not in str(e.value), name
 
 
+def test_empty_and_degenerate_sources_name_file_and_cause(tmp_path):
+    """Issue 21, items 9-12: each a one-line DataError naming the file, not a traceback."""
+    x, y = np.zeros((600, 8, 8), np.uint8), np.arange(600) % 10
+    cases = {
+        "empty.npz": (dict(x=x[:0], y=y[:0]), "(x, y) holds 0 examples"),
+        "flat.npz": (dict(x=np.zeros((600, 0, 8), np.uint8), y=y),
+                     "(x, y): images must be [n, H, W] or [n, H, W, C] with every size at "
+                     "least 1, got shape (600, 0, 8)"),
+        "notest.npz": (dict(x_train=x, y_train=y, x_test=x[:0], y_test=y[:0]),
+                       "x_test and y_test hold 0 examples; leave them out"),
+        "marker.npz": (dict(x=x, y=np.where(np.arange(600) == 7, 255, y)),
+                       "(y): labels run to 255 but only 11 of the 256 classes"),
+        "huge.npz": (dict(x=x, y=np.where(np.arange(600) == 7, 2**31 - 1, y)),
+                     "(y): a label of 2147483647 would make 2147483648 classes (at most "
+                     "10000)"),
+    }
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(hg.data.DataError) as e:
+            hg.data.load(f"npz:{tmp_path / name}", train_size=100, val_size=50)
+        assert str(e.value).startswith(f"npz:{tmp_path / name}"), str(e.value)
+        assert message in str(e.value) and "\n" not in str(e.value), name
+    write_mnist(tmp_path / "idx0", x[:0], y[:0].astype(np.uint8))
+    with pytest.raises(hg.data.DataError, match=r"\(train\) holds 0 examples"):
+        hg.data.load(f"idx:{tmp_path / 'idx0'}", train_size=1, val_size=1)
+    write_mnist(tmp_path / "idx255", x, np.where(np.arange(600) == 7, 255, y).astype(np.uint8))
+    with pytest.raises(hg.data.DataError, match="train-labels-idx1-ubyte: labels run to 255"):
+        hg.data.load(f"idx:{tmp_path / 'idx255'}", train_size=100, val_size=50)
+    # Missing classes are data, not a marker: five of nine classes still load, and so
+    # do two of a hundred among fewer examples than classes (a small sample).
+    np.savez(tmp_path / "half.npz", x=x, y=2 * (np.arange(600) % 5))
+    assert hg.data.load(f"npz:{tmp_path / 'half.npz'}", train_size=100,
+                        val_size=50).num_classes == 9
+    np.savez(tmp_path / "few.npz", x=x[:60], y=np.where(np.arange(60) % 2, 99, 0))
+    assert hg.data.load(f"npz:{tmp_path / 'few.npz'}", train_size=30,
+                        val_size=10).num_classes == 100
+
+
 def test_sizes_beyond_the_source(sources):
     with pytest.raises(hg.data.DataError, match="exceeds the 300 training examples"):
         hg.data.load(sources["npz"], train_size=290, val_size=20)
@@ -297,7 +339,7 @@ def test_tfds_prepared_as_tfrecord_only(monkeypatch, tmp_path):
 # --- config keys and the command line -----------------------------------------------------
 
 def seed_cnn_config():
-    from hypergrad.run import get_experiment
+    from hypergrad.experiment import get_experiment
 
     return get_experiment("seed-cnn").config
 

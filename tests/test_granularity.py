@@ -267,7 +267,7 @@ def test_summaries_are_per_group():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="never reads"):
-        mlp_task(hg.HyperSpace({"learning_rate": hg.positive(0.1), "dropout": hg.unit(0.1)}))
+        mlp_task(hg.HyperSpace({"learning_rate": hg.positive(0.1), "temperature": hg.unit(0.1)}))
     with pytest.raises(ValueError, match="group 'late' matches no parameter"):
         mlp_task(hg.HyperSpace({"learning_rate": hg.positive(
             0.1, per={"all": "layers", "late": "conv"})}))

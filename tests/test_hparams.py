@@ -84,3 +84,53 @@ def test_summarize():
 def test_space_rejects_plain_numbers():
     with pytest.raises(TypeError, match="declared with positive"):
         hg.HyperSpace({"lr": 0.1})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: hg.bounded(0.5, 0.0, float("inf")), "bounded() needs finite low and high, got "
+                                                 "low=0, high=inf; use positive() for (0, inf)"),
+    (lambda: hg.bounded(0.5, float("-inf"), float("inf")), "got low=-inf, high=inf; use"),
+    (lambda: hg.HyperSpace({"lr": hg.positive(None)}),
+     "lr must be a number or a non-empty array of numbers, got None"),
+    (lambda: hg.HyperSpace({"lr": hg.positive("0.1")}), "got '0.1'"),
+    (lambda: hg.HyperSpace({"lr": hg.positive(np.zeros(0))}), "got array([], dtype=float64)"),
+    (lambda: hg.HyperSpace({"lr": hg.positive({"a": object()})}), "got {'a': <object"),
+    (lambda: hg.HyperSpace({"lr": hg.positive(float("inf"))}), "lr must be > 0, got inf"),
+    (lambda: hg.hparams.parse_schedule("x" * 100_000),
+     "schedule must be one of constant, per_step, windows:K, linear, exponential, got 'xxx"),
+])
+def test_degenerate_declarations_are_a_clear_value_error(make, message):
+    """Issue 21, item 22: each was -inf, NaN, or an error raised by the error message."""
+    with pytest.raises(ValueError) as e:
+        make()
+    text = str(e.value)
+    assert message in text and "\n" not in text and len(text) < 300, text[:400]
+
+
+def tiny_task(**changes):
+    x, y = jnp.ones((6, 2)), jnp.zeros(6, dtype=jnp.int32)
+
+    def loss(p, hparams, batch):
+        return jnp.mean((batch[0] @ p["w"]) ** 2)
+
+    fields = dict(params={"w": jnp.ones(2)}, train_loss=loss, val_loss=loss,
+                  train_data=(x, y), val_data=(x, y),
+                  space=hg.HyperSpace({"learning_rate": hg.positive(0.1)}),
+                  optimizer=hg.inner.sgd(), steps=2)
+    return hg.Task(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_data": (jnp.ones((6, 2)), jnp.asarray(1.0))},
+     "train_data leaves must be arrays sharing one leading (example) axis, got shapes "
+     "[(6, 2), ()]"),
+    ({"val_data": 3.0}, "val_data leaves must be arrays sharing one leading"),
+    ({"train_data": (jnp.ones((0, 2)), jnp.zeros(0))}, "train_data holds 0 examples"),
+    ({"val_data": (jnp.ones((0, 2)), jnp.zeros(0))}, "val_data holds 0 examples"),
+    ({"val_data": ()}, "val_data holds no arrays"),
+])
+def test_task_refuses_scalar_and_empty_data(changes, message):
+    tiny_task()  # the unchanged task is fine
+    with pytest.raises(ValueError) as e:
+        tiny_task(**changes)
+    assert message in str(e.value)

@@ -177,7 +177,7 @@ def test_apply_under_jit_and_inside_scan():
     x, y = _normal(1, (5, 8, 8, 1)), _labels(2, 5)
 
     def loss(p, slope):
-        return models.mse(apply(p, x, slope), y)
+        return models.onehot_mse(apply(p, x, slope), y)
 
     def step(p, lr, slope):
         g = jax.grad(loss)(p, slope)
@@ -237,7 +237,7 @@ def test_losses_and_accuracy_known_values():
     labels = jnp.array([0, 1, 1])
     # Per example, sum over classes of (logit - onehot)^2: 0, 1, 4 + 4; mean 3.
     mse, ce, acc = jax.jit(
-        lambda lo, la: (models.mse(lo, la), models.cross_entropy(lo, la),
+        lambda lo, la: (models.onehot_mse(lo, la), models.cross_entropy(lo, la),
                         models.accuracy(lo, la)))(logits, labels)
     np.testing.assert_allclose(mse, 3.0, rtol=1e-15)
     expected_ce = (math.log(1 + math.exp(-1)) + math.log(2) + math.log(math.exp(3) + 1)) / 3
@@ -247,8 +247,69 @@ def test_losses_and_accuracy_known_values():
 
 
 def test_loss_by_name():
-    assert models.loss_by_name("mse") is models.mse
+    assert models.loss_by_name("mse") is models.onehot_mse  # config loss=mse: classification
     assert models.loss_by_name("ce") is models.cross_entropy
     assert set(models.LOSSES) == {"mse", "ce"}
     with pytest.raises(ValueError, match="'mse', 'ce'"):
         models.loss_by_name("hinge")
+
+
+def test_plain_mse_is_regression_mse_and_refuses_labels():
+    pred = jnp.array([[1.0], [2.0], [4.0]], F64)
+    target = jnp.array([[1.0], [1.0], [1.0]], F64)
+    np.testing.assert_allclose(models.mse(pred, target), (0 + 1 + 9) / 3, rtol=1e-15)
+    with pytest.raises(ValueError, match="onehot_mse"):
+        models.mse(jnp.zeros((3, 2), F64), jnp.array([0, 1, 1]))
+
+
+# --------------------------------------------------------------------------------------
+# Training-time noise and BatchNorm
+
+
+def test_gaussian_dropout_moments_and_smoothness_in_rate():
+    x = jnp.ones((200_000,), F64)
+    y = models.gaussian_dropout(jax.random.key(0), x, 0.3)
+    # Inverted Bernoulli dropout's mean 1 and variance p / (1 - p).
+    np.testing.assert_allclose(float(jnp.mean(y)), 1.0, atol=5e-3)
+    np.testing.assert_allclose(float(jnp.var(y)), 0.3 / 0.7, rtol=2e-2)
+    f = lambda r: jnp.sum(models.gaussian_dropout(jax.random.key(1), x[:10], r) ** 2)  # noqa: E731
+    h = 1e-6
+    fd = (f(0.3 + h) - f(0.3 - h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(f)(0.3), fd, rtol=1e-7)
+
+
+def test_translate_moves_by_whole_pixels_and_interpolates_between():
+    img = jnp.zeros((1, 5, 5, 1), F64).at[0, 2, 2, 0].set(1.0)
+    out = models.translate(img, jnp.array([[1.0, -2.0]], F64), (5, 5, 1))
+    assert float(out[0, 3, 0, 0]) == 1.0 and float(jnp.sum(out)) == 1.0
+    half = models.translate(img, jnp.array([[0.5, 0.0]], F64), (5, 5, 1))
+    np.testing.assert_allclose(half[0, 2:4, 2, 0], [0.5, 0.5], rtol=1e-15)
+    # Shifted off the edge, the image is gone (zero padding); flat inputs keep their shape.
+    assert float(jnp.sum(models.translate(img, jnp.array([[9.0, 0.0]], F64), (5, 5, 1)))) == 0
+    flat = models.random_translate(jax.random.key(0), img.reshape(1, 25), 0.7, (5, 5, 1))
+    assert flat.shape == (1, 25)
+
+
+def test_dropout_needs_a_key_and_changes_the_output():
+    apply, params = models.functional(
+        models.SeedCNN(nnx.Rngs(0), channels=(4, 4), param_dtype=F64))
+    x = _normal(1, (3, 8, 8, 1))
+    plain = apply(params, x, 0.1)
+    np.testing.assert_array_equal(plain, apply(params, x, 0.1, dropout=0.2))  # no key: eval
+    noisy = apply(params, x, 0.1, dropout=0.2, key=jax.random.key(0))
+    assert not np.allclose(plain, noisy)
+    np.testing.assert_array_equal(noisy, apply(params, x, 0.1, dropout=0.2,
+                                               key=jax.random.key(0)))
+
+
+def test_batchnorm_cnn_state_evolves_in_training_only():
+    model = models.BatchNormCNN(nnx.Rngs(0), channels=(4, 4), param_dtype=F64)
+    apply, params, state = models.stateful(model)
+    assert set(state["norms"][0]) == {"mean", "var"}
+    assert state["norms"][0]["mean"].dtype == F64
+    x = _normal(1, (6, 8, 8, 1))
+    out, new = apply(params, state, x, 0.1, train=True)
+    assert out.shape == (6, 10)
+    assert not np.allclose(new["norms"][0]["mean"], state["norms"][0]["mean"])
+    _, same = apply(params, state, x, 0.1)
+    np.testing.assert_array_equal(same["norms"][1]["var"], state["norms"][1]["var"])

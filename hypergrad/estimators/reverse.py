@@ -7,9 +7,9 @@ from typing import Any
 import jax
 
 from hypergrad.estimators.base import Estimator
-from hypergrad.inner import _check_hvp
+from hypergrad.inner import check_hvp
 from hypergrad.task import Task
-from hypergrad.unroll import _check_policy, objective
+from hypergrad.unroll import check_policy, objective
 
 
 def reverse(checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
@@ -36,8 +36,8 @@ def reverse(checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``grad`` is shaped like
       ``phi`` and ``aux`` holds ``train_loss``, ``train_losses`` and the trained ``params``.
     """
-    _check_policy(checkpoint)
-    _check_hvp(hvp)
+    check_policy(checkpoint)
+    check_hvp(hvp)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         (value, aux), grad = jax.value_and_grad(

@@ -46,9 +46,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from hypergrad.estimators.base import Estimator
-from hypergrad.inner import lookup, per_leaf, value_and_grad
+from hypergrad.inner import lookup, per_leaf, takes_key, value_and_grad
 from hypergrad.task import Task
-from hypergrad.unroll import batch_indices
+from hypergrad.unroll import batch_indices, step_key
 
 SGD_NAMES = ("learning_rate", "momentum", "weight_decay")
 
@@ -254,8 +254,16 @@ def _problem(task: Task, hparams, data_key, unravel, template) -> _Problem:
         def batch(idx):
             return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
 
+    if task.stateful:
+        raise ValueError("the reversible estimator cannot run a model's non-parameter state "
+                         "(BatchNorm statistics) backward; use reverse() or forward()")
+    # A train_loss that takes a key gets the same key at step t as in hypergrad.unroll,
+    # forward and backward alike.
+    keyed = takes_key(task.train_loss)
+
     def loss(w, hp, b, t):
-        return task.train_loss(unravel(w), task.space.at_step(hp, t), b)
+        kw = {"key": step_key(data_key, t)} if keyed else {}
+        return task.train_loss(unravel(w), task.space.at_step(hp, t), b, **kw)
 
     def vectors(hp, t):
         hp = task.space.at_step(hp, t)

@@ -7,9 +7,9 @@ from typing import Any
 import jax
 
 from hypergrad.estimators.base import Estimator
-from hypergrad.inner import _check_hvp
+from hypergrad.inner import check_hvp
 from hypergrad.task import Task
-from hypergrad.unroll import _check_policy, _check_window, truncated_objective
+from hypergrad.unroll import check_policy, check_window, truncated_objective
 
 
 def truncated(window: int, checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
@@ -33,9 +33,9 @@ def truncated(window: int, checkpoint: Any = None, hvp: str = "reverse") -> Esti
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``value`` is the exact
       validation loss, ``aux`` holds ``train_loss``, ``train_losses`` and ``params``.
     """
-    _check_window(window)
-    _check_policy(checkpoint)
-    _check_hvp(hvp)
+    check_window(window)
+    check_policy(checkpoint)
+    check_hvp(hvp)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
         (value, aux), grad = jax.value_and_grad(
