@@ -45,7 +45,7 @@ from flax import nnx
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
-from hypergrad.run import Experiment, Problem
+from hypergrad.experiment import Experiment, Problem
 from hypergrad.task import classification
 from hypergrad.unroll import batch_indices
 
@@ -137,11 +137,7 @@ def build(config: BaydinConfig, model: str = "logreg") -> Problem:
     net = _model(model, config, math.prod(data.input_shape), data.num_classes, dtype)
     task, predict = classification(net, data, config.hyperspace(), steps=config.steps,
                                    batch_size=config.batch_size, loss="ce", slope=0.0)
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": task.val_loss(params, hparams, data.test),
-                "test_accuracy": hg.models.accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test)
 
     return Problem(task, evaluate)
 

@@ -35,9 +35,8 @@ from flax import nnx
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
-from hypergrad.models import accuracy
+from hypergrad.experiment import Experiment, Problem
 from hypergrad.plots import save_figure
-from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
 
 
@@ -96,11 +95,7 @@ def build(config: GrazziConfig) -> Problem:
         return data_loss(params, hparams, batch) + jnp.sum(hparams["l2"][:, None] * w**2)
 
     task = task.replace(train_loss=penalized, space=config.hyperspace())
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": data_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test, loss=data_loss)
 
     return Problem(task, evaluate)
 

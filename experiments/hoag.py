@@ -50,9 +50,8 @@ from jax.flatten_util import ravel_pytree
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators.implicit import conjugate_gradient, stationary_hypergradient
-from hypergrad.models import accuracy
+from hypergrad.experiment import Experiment, Problem
 from hypergrad.plots import save_figure
-from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
 
 C_SLACK = 0.25  # HOAG's C: a step may raise g by C * eps_k before it is undone
@@ -122,11 +121,7 @@ def build(config: HoagConfig) -> Problem:
         return data_loss(params, hparams, batch) + hparams["l2"] * jnp.sum(w**2)
 
     task = task.replace(train_loss=penalized, space=config.hyperspace())
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": data_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test, loss=data_loss)
 
     return Problem(task, evaluate)
 

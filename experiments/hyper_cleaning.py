@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -61,9 +60,8 @@ from jax.flatten_util import ravel_pytree
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
-from hypergrad.models import accuracy
+from hypergrad.experiment import Experiment, Problem, outer_for
 from hypergrad.plots import save_figure
-from hypergrad.run import Experiment, Problem, make_meta_step, outer_for
 from hypergrad.task import classification
 from hypergrad.unroll import objective
 
@@ -164,11 +162,7 @@ def _setup(config: CleaningConfig):
         return weighted(params, hparams, batch) + config.l2 * jnp.sum(w**2)
 
     task = task.replace(train_loss=train_loss)
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": task.val_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test)
 
     return Problem(task, evaluate), corrupted
 
@@ -207,35 +201,20 @@ def f1_corrupted(weights: np.ndarray, corrupted: np.ndarray) -> dict[str, float]
 
 
 def tune(config: CleaningConfig, task: hg.Task, est) -> dict:
-    """``meta_steps`` outer steps on ``est``'s hypergradient; the learned weights and time.
-
-    Non-finite steps are rejected (the outer step halves), as in :func:`hypergrad.run.run`.
-    """
-    opt = outer_for(config)
-    phi = task.space.init(jnp.dtype(config.dtype))
-    state = opt.init(phi)
-    key = jax.random.key(config.seed)
-    meta_step = make_meta_step(est, opt)
-    one = jnp.asarray(1.0)
-    jax.block_until_ready(meta_step(task, phi, state, key, one))  # compile
-    scale, val, rejected = 1.0, [], 0
-    began = time.perf_counter()
-    for _ in range(config.meta_steps):
-        new_phi, new_state, m = meta_step(task, phi, state, key, jnp.asarray(scale))
-        if bool(m["accepted"]):
-            phi, state = new_phi, new_state
-        else:
-            scale, rejected = scale * 0.5, rejected + 1
-        val.append(float(m["val_loss"]))
-    seconds = time.perf_counter() - began
-    return {"phi": phi, "val_loss": val, "seconds": seconds,
-            "seconds_per_hypergradient": seconds / config.meta_steps, "rejected": rejected}
+    """``meta_steps`` outer steps on ``est``'s hypergradient (:func:`hg.tune`); the learned
+    weights (the History's final point) and the time per meta-step after the first (which
+    compiles)."""
+    history = hg.tune(task, est, outer_for(config), key=jax.random.key(config.seed),
+                      meta_steps=config.meta_steps, clip=config.clip)
+    timed = history.seconds[1:] if len(history.seconds) > 1 else history.seconds
+    return {"phi": history.final.phi, "val_loss": [float(v) for v in history.val_loss],
+            "seconds": float(np.sum(history.seconds)),
+            "seconds_per_hypergradient": float(np.mean(timed)),
+            "rejected": int(np.sum(~history.accepted))}
 
 
 def main(config: CleaningConfig, workdir: Path, progress: bool) -> dict:
     """Tune the example weights with every method; score; write results and figures."""
-    if config.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
     problem, corrupted = _setup(config)
     task = problem.task
     dtype = jnp.dtype(config.dtype)

@@ -42,19 +42,12 @@ import numpy as np
 from flax import nnx
 
 import hypergrad as hg
-from hypergrad.config import Config, ConfigError
-from hypergrad.models import accuracy
+from hypergrad.config import Config, ConfigError, parse_widths
+from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
 from hypergrad.plots import save_figure
-from hypergrad.run import (
-    Experiment,
-    Problem,
-    estimator_for,
-    make_meta_step,
-    outer_for,
-    save_hparams,
-)
 from hypergrad.task import classification
 from hypergrad.unroll import objective
+from hypergrad.workdir import save_hparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +97,7 @@ class MaclaurinConfig(Config):
 
     def widths(self) -> tuple[int, ...]:
         """The MLP's widths, from ``sizes`` such as ``"64,50,50,10"``."""
-        try:
-            widths = tuple(int(c) for c in self.sizes.split(","))
-        except ValueError:
-            widths = ()
-        if len(widths) < 2 or min(widths) < 1:
-            raise ConfigError(f"sizes must be at least two positive integers separated by "
-                              f"commas, got {self.sizes!r}")
-        return widths
+        return parse_widths("sizes", self.sizes, at_least=2)
 
 
 def _problem(config: MaclaurinConfig, space: hg.HyperSpace) -> Problem:
@@ -125,11 +111,7 @@ def _problem(config: MaclaurinConfig, space: hg.HyperSpace) -> Problem:
     task, predict = classification(model, data, space, steps=config.steps,
                                    batch_size=config.batch_size or None, loss=config.loss,
                                    optimizer=hg.inner.sgd())
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": task.val_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test)
 
     return Problem(task, evaluate)
 
@@ -151,40 +133,21 @@ def _trained_scores(problem: Problem):
 
 
 def tune(config: MaclaurinConfig, problem: Problem, progress: bool = False) -> dict:
-    """The meta-optimization: ``meta_steps`` Adam steps on the schedules.
+    """The meta-optimization: ``meta_steps`` Adam steps on the schedules (:func:`hg.tune`).
 
-    A step whose value or hypergradient is not finite is rejected and halves the step
-    (as in :func:`hypergrad.run.run`). ``val_loss[i]`` is the validation loss of the
-    ``phi`` that meta-step ``i`` started from. Returns the trajectory, the final ``phi``
-    and the best ``phi`` seen (the incumbent, as a search would report it).
+    ``val_loss[i]`` is the validation loss of the ``phi`` that meta-step ``i`` evaluated.
+    Returns the trajectory, the final point and the best point (the incumbent, as a search
+    would report it) of the History.
     """
-    task = problem.task
-    phi = task.space.init(jnp.dtype(config.dtype))
-    opt = outer_for(config)
-    state = opt.init(phi)
-    key = jax.random.key(config.seed)
-    meta_step = make_meta_step(estimator_for(config), opt)
-    scale = 1.0
-    out: dict = {"val_loss": [], "accepted": [], "seconds": []}
-    best, best_phi, best_step = math.inf, phi, 0
-    began = time.perf_counter()
-    for i in range(config.meta_steps):
-        new_phi, new_state, m = meta_step(task, phi, state, key, jnp.asarray(scale))
-        value = float(m["val_loss"])
-        if value < best:
-            best, best_phi, best_step = value, phi, i
-        accepted = bool(m["accepted"])
-        if accepted:
-            phi, state = new_phi, new_state
-        else:
-            scale *= 0.5
-        out["val_loss"].append(float(m["val_loss"]))
-        out["accepted"].append(accepted)
-        out["seconds"].append(time.perf_counter() - began)
-        if progress:
-            print(f"meta-step {i:3d} val loss {out['val_loss'][-1]:.4f}", flush=True)
-    out |= {"phi": phi, "best_phi": best_phi, "best_meta_step": best_step}
-    return out
+    history = hg.tune(problem.task, estimator_for(config), outer_for(config),
+                      key=jax.random.key(config.seed), meta_steps=config.meta_steps,
+                      clip=config.clip, progress=progress)
+    return {"val_loss": [float(v) for v in history.val_loss],
+            "accepted": history.accepted.tolist(),
+            "seconds": np.cumsum(history.seconds).tolist(),
+            "phi": history.final.phi, "best_phi": history.best.phi,
+            "final_meta_step": history.final.meta_step,
+            "best_meta_step": history.best.meta_step}
 
 
 def grid(config: MaclaurinConfig) -> tuple[Problem, dict]:
@@ -219,18 +182,16 @@ def grid(config: MaclaurinConfig) -> tuple[Problem, dict]:
 
 def main(config: MaclaurinConfig, workdir: Path, progress: bool) -> dict:
     """Tune the schedules, run the constant-rate grid, write results and the figure."""
-    if config.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
     problem = build(config)
     task = problem.task
     key = jax.random.key(config.seed)
     scores = _trained_scores(problem)
     phi0 = task.space.init(jnp.dtype(config.dtype))
     initial = jax.device_get(scores(task, phi0, key))
-    save_hparams(workdir, task, phi0, 0)
+    save_hparams(workdir, task.space, phi0, 0)
     tuned = tune(config, problem, progress)
     phi, best_phi = tuned.pop("phi"), tuned.pop("best_phi")
-    save_hparams(workdir, task, phi, config.meta_steps)
+    save_hparams(workdir, task.space, phi, config.meta_steps)
     final = jax.device_get(scores(task, phi, key))
     best = jax.device_get(scores(task, best_phi, key))
     _, baseline = grid(config)

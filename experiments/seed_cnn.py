@@ -22,9 +22,8 @@ import dataclasses
 import jax.numpy as jnp
 
 import hypergrad as hg
-from hypergrad.config import Config, ConfigError
-from hypergrad.models import accuracy
-from hypergrad.run import Experiment, Problem
+from hypergrad.config import Config, ConfigError, parse_widths
+from hypergrad.experiment import Experiment, Problem
 from hypergrad.task import seed_cnn
 
 
@@ -45,8 +44,11 @@ class SeedCnnConfig(Config):
     label_smoothing: float | None = None
     init_scale: float | None = None
     channels: str = "8,16,16"
+    conv: str = "auto"
 
     def validate(self) -> SeedCnnConfig:
+        if self.conv not in CONVS:
+            raise ConfigError(f"conv must be one of {', '.join(CONVS)}; got {self.conv!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got "
                               f"{self.optimizer!r}")
@@ -56,7 +58,7 @@ class SeedCnnConfig(Config):
 
     def widths(self) -> tuple[int, ...]:
         """The convolutions' output channels, from ``channels`` such as ``"8,16,16"``."""
-        return parse_channels(self.channels)
+        return parse_widths("channels", self.channels)
 
     def space(self) -> hg.HyperSpace:
         """The inner optimizer's hyperparameters (SGD: learning rate, momentum, weight
@@ -79,18 +81,9 @@ class SeedCnnConfig(Config):
 
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def parse_channels(text: str) -> tuple[int, ...]:
-    """Output channels from ``"8,16,16"``; a :class:`ConfigError` names anything else."""
-    try:
-        widths = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise ConfigError(f"channels must be positive integers separated by commas, "
-                          f"got {text!r}")
-    return widths
+#: How the convolutions run: ``auto`` (the im2col matrix product on CPU, XLA's native
+#: convolution elsewhere), ``matmul`` or ``native`` (see hypergrad.models.Conv3x3).
+CONVS = ("auto", "matmul", "native")
 
 
 def build(config: SeedCnnConfig) -> Problem:
@@ -100,15 +93,10 @@ def build(config: SeedCnnConfig) -> Problem:
     task, predict = seed_cnn(data, config.hyperspace(), steps=config.steps,
                              batch_size=config.batch_size or None, loss=config.loss,
                              seed=config.seed, channels=config.widths(), dtype=dtype,
+                             conv=config.conv,
                              optimizer=hg.inner.by_name(config.optimizer))
-    def evaluate(params, hparams):
-        # Both are means over test examples, so they are scored in the validation loss's
-        # chunks (val_batch_size) too: a 10 000-image MNIST test split at once is gigabytes.
-        def metrics(chunk):
-            return {"test_loss": task.val_loss(params, hparams, chunk),
-                    "test_accuracy": accuracy(predict(params, hparams, chunk[0]), chunk[1])}
-
-        return hg.inner.batch_mean(metrics, data.test, config.val_batch_size or None)
+    evaluate = hg.classification_scores(task, predict, data.test,
+                                        config.val_batch_size or None)
 
     return Problem(task, evaluate)
 

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -41,13 +42,10 @@ import optax
 from flax import nnx
 
 import hypergrad as hg
-from experiments.seed_cnn import parse_channels
-from hypergrad.config import Config, ConfigError
-from hypergrad.models import accuracy
+from hypergrad.config import Config, ConfigError, parse_widths
+from hypergrad.experiment import Experiment, Problem
 from hypergrad.plots import save_figure
-from hypergrad.run import Experiment, Problem
 from hypergrad.task import classification
-from hypergrad.unroll import objective
 
 UPDATES = {"gd": "gradient descent", "recurrence": "recurrence (article)"}
 
@@ -82,7 +80,7 @@ class SeedRecurrenceConfig(Config):
 
     def widths(self) -> tuple[int, ...]:
         """The convolutions' output channels, from ``channels`` such as ``"8,16,16"``."""
-        return parse_channels(self.channels)
+        return parse_widths("channels", self.channels)
 
     def space(self) -> hg.HyperSpace:
         return hg.HyperSpace({"leaky_slope": hg.real(self.leaky_slope)})
@@ -100,11 +98,7 @@ def build(config: SeedRecurrenceConfig) -> Problem:
     task, predict = classification(model, data, config.hyperspace(), steps=config.steps,
                                    batch_size=config.batch_size or None, loss=config.loss,
                                    optimizer=optimizer)
-    x_test, y_test = data.test
-
-    def evaluate(params, hparams):
-        return {"test_loss": task.val_loss(params, hparams, data.test),
-                "test_accuracy": accuracy(predict(params, hparams, x_test), y_test)}
+    evaluate = hg.classification_scores(task, predict, data.test)
 
     return Problem(task, evaluate)
 
@@ -116,58 +110,46 @@ def hyper_update(name: str, config: SeedRecurrenceConfig) -> optax.GradientTrans
     return hg.outer.fibonacci_recurrence()
 
 
-def make_step(opt: optax.GradientTransformationExtraArgs):
-    """One jitted meta-step: ``(task, phi, state, key) -> (value, grad, new_phi, state)``.
-
-    The caller decides whether to take ``new_phi``; nothing here touches ``phi``.
-    """
-    est = hg.estimators.reverse()
-
-    def step(task, phi, state, key):
-        value, grad, _ = est(task, phi, key)
-        updates, new_state = opt.update(grad, state, phi, value=value, grad=grad,
-                                        value_fn=None)
-        return value, grad, optax.apply_updates(phi, updates), new_state
-
-    return jax.jit(step)
-
-
 def trajectory(task: hg.Task, opt, config: SeedRecurrenceConfig, key) -> dict:
-    """Run ``meta_steps`` meta-steps; stop at the first refused one.
+    """Run ``meta_steps`` meta-steps of :func:`hg.tune`, unclipped; stop at the first
+    refused one (a guard that retires after one rejection, with no divergence checks: the
+    recurrence is watched, not steered).
 
     Returns per meta-step t the slope ``a_t``, the validation loss at it, the
     hypergradient ``b_t`` and the seconds taken; after the last meta-step the final slope
     and its validation loss; ``stopped`` says why a run ended early (else ``None``).
     """
-    step = make_step(opt)
-    value_fn = jax.jit(lambda t, p, k: objective(t, p, k)[0])
+    guard = hg.Guard(max_rejections=1, value_ratio=math.inf, grad_ratio=math.inf,
+                     max_phi=config.max_slope)
     phi = task.space.init(jnp.dtype(config.dtype))
-    state = opt.init(phi)
-    out = {"slope": [], "val_loss": [], "hypergrad": [], "seconds": [], "stopped": None}
-    for t in range(config.meta_steps):
-        t0 = time.perf_counter()
-        value, grad, new_phi, new_state = jax.device_get(step(task, phi, state, key))
-        value, b = float(value), float(grad["leaky_slope"])
-        new_slope = float(new_phi["leaky_slope"])
-        out["slope"].append(float(phi["leaky_slope"]))
-        out["val_loss"].append(value if math.isfinite(value) else None)
-        out["hypergrad"].append(b if math.isfinite(b) else None)
-        out["seconds"].append(time.perf_counter() - t0)
-        if not (math.isfinite(value) and math.isfinite(b)):
-            out["stopped"] = (f"meta-step {t}: non-finite validation loss or hypergradient "
-                              f"at slope {out['slope'][-1]:.4g}; stopped")
-            break
-        if not math.isfinite(new_slope) or abs(new_slope) > config.max_slope:
-            out["stopped"] = (f"meta-step {t}: the update would move the slope to "
-                              f"{new_slope:.4g}, beyond max_slope = {config.max_slope:g}; "
-                              "refused and stopped")
-            break
-        phi, state = new_phi, new_state
-    else:
-        value = float(value_fn(task, phi, key))
-        out["slope"].append(float(phi["leaky_slope"]))
-        out["val_loss"].append(value if math.isfinite(value) else None)
+    try:
+        with warnings.catch_warnings():  # a stop is an outcome here, reported below
+            warnings.simplefilter("ignore", hg.TuneWarning)
+            history = hg.tune(task, hg.estimators.reverse(), opt, key=key, phi=phi,
+                              meta_steps=config.meta_steps, clip=0.0, guard=guard)
+    except hg.TuneError:  # the start itself: nothing was ever accepted
+        return {"slope": [float(phi["leaky_slope"])], "val_loss": [None], "hypergrad": [None],
+                "seconds": [], "stopped": f"meta-step 0: non-finite validation loss or "
+                                          f"hypergradient at slope {config.leaky_slope:.4g}; "
+                                          "stopped"}
+
+    def finite(v):
+        return float(v) if math.isfinite(v) else None
+
+    out = {"slope": [float(a) for a in history.hparams["leaky_slope"]],
+           "val_loss": [finite(v) for v in history.val_loss],
+           "hypergrad": [finite(b) for b in history.hypergrad["leaky_slope"]],
+           "seconds": history.seconds.tolist(), "stopped": None}
+    if history.stopped is None:
+        out["slope"].append(float(history.final.hparams["leaky_slope"]))
+        out["val_loss"].append(finite(history.final.val_loss))
         out["hypergrad"].append(None)
+    elif history.point_ok[-1]:
+        out["stopped"] = (f"meta-step {len(history) - 1}: the update would move the slope "
+                          f"beyond max_slope = {config.max_slope:g}; refused and stopped")
+    else:
+        out["stopped"] = (f"meta-step {len(history) - 1}: non-finite validation loss or "
+                          f"hypergradient at slope {out['slope'][-1]:.4g}; stopped")
     return out
 
 

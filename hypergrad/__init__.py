@@ -1,20 +1,43 @@
 """hypergrad: gradient-based hyperparameter optimization in JAX."""
 
-from hypergrad import data, estimators, hparams, inner, models, online, outer, search, unroll
+from hypergrad import (
+    data,
+    estimators,
+    hparams,
+    implicit,
+    inner,
+    models,
+    online,
+    outer,
+    search,
+    unroll,
+)
 from hypergrad.check import check_hypergrad, directional_errors
+from hypergrad.experiment import Experiment, Problem, classification_scores
 from hypergrad.hparams import Constraint, HyperSpace, bounded, positive, real, unit
 from hypergrad.task import Task
+from hypergrad.tune import Guard, History, Point, TuneError, TuneState, TuneWarning, tune
 
 __all__ = [
     "Constraint",
+    "Experiment",
+    "Guard",
+    "History",
     "HyperSpace",
+    "Point",
+    "Problem",
     "Task",
+    "TuneError",
+    "TuneState",
+    "TuneWarning",
     "bounded",
     "check_hypergrad",
+    "classification_scores",
     "data",
     "directional_errors",
     "estimators",
     "hparams",
+    "implicit",
     "inner",
     "models",
     "online",
@@ -22,6 +45,7 @@ __all__ = [
     "positive",
     "real",
     "search",
+    "tune",
     "unit",
     "unroll",
 ]

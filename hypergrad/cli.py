@@ -7,18 +7,46 @@ prints one line naming the problem and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 from hypergrad.config import ConfigError
+from hypergrad.messages import LIMIT, clip, cut_line, show
 
 DEFAULT_EXPERIMENT = "seed-cnn"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage dump
-        self.exit(2, f"hypergrad: error: {message} (see `hypergrad --help`)\n")
+    def error(self, message):  # one line, not a usage dump, nor a 100 KB value in full
+        self.exit(2, f"hypergrad: error: {cut_line(message)} (see `hypergrad --help`)\n")
+
+
+def _experiment_name(text: str) -> str:
+    if len(text) > LIMIT:  # no experiment's name is this long; echo it cut
+        raise argparse.ArgumentTypeError(f"no experiment is named {show(text)}")
+    return text
+
+
+def _directions(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {show(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {show(text)}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value:g}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(cmd):
-        cmd.add_argument("experiment", nargs="?", default=None,
+        cmd.add_argument("experiment", nargs="?", default=None, type=_experiment_name,
                          help=f"experiment name (default {DEFAULT_EXPERIMENT}; see `list`)")
         cmd.add_argument("--set", dest="sets", action="append", default=[],
                          metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -46,9 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--process-id", type=int, help="with --distributed: this process's id")
     c = sub.add_parser("check", help="compare the estimator with finite differences")
     common(c)
-    c.add_argument("--directions", type=int, default=None,
-                   help="random directions to check (default: every coordinate)")
-    c.add_argument("--tol", type=float, default=1e-6, help="relative-error tolerance")
+    c.add_argument("--directions", type=_directions, default=None,
+                   help="random directions to check, at least 1 (default: every "
+                        "coordinate, or 16 random directions for more coordinates)")
+    c.add_argument("--tol", type=_tolerance, default=1e-6,
+                   help="tolerance of the relative error, which is each direction's error "
+                        "over the largest directional derivative (default 1e-6)")
     sub.add_parser("list", help="list the experiments")
     pl = sub.add_parser("plot", help="redraw a run's figures, or overlay several runs")
     pl.add_argument("workdirs", nargs="+", metavar="WORKDIR",
@@ -60,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resolve(name: str, sets: list[str]):
     from hypergrad import config as config_lib
-    from hypergrad.run import get_experiment
+    from hypergrad.experiment import get_experiment
 
     experiment = get_experiment(name)
     return experiment, config_lib.override(experiment.config, sets)
@@ -74,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         args.experiment = args.experiment or DEFAULT_EXPERIMENT
     from hypergrad.data import DataError
     from hypergrad.plots import PlotError
+    from hypergrad.workdir import WorkdirError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, PlotError) as e:
+    except (ConfigError, DataError, PlotError, WorkdirError) as e:
         print(f"hypergrad: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the run loop took over the signals
@@ -86,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(args) -> int:
-    from hypergrad.run import experiments
+    from hypergrad.experiment import experiments
 
     for name, exp in experiments().items():
         print(f"{name:20s} {exp.description}")
@@ -94,7 +126,8 @@ def _list(args) -> int:
 
 
 def _run(args) -> int:
-    from hypergrad.run import Interrupted, RunError, resume_config, run
+    from hypergrad.run import Interrupted, resume_config, run
+    from hypergrad.tune import TuneError
 
     if args.distributed:
         _initialize_distributed(args)
@@ -112,12 +145,32 @@ def _run(args) -> int:
         workdir = Path(args.workdir or f"runs/{experiment.name}-{stamp}")
     try:
         run(experiment, config, workdir, progress=not args.quiet, resume=args.resume)
-    except RunError as e:
-        print(f"hypergrad: error: {e} (checkpoint saved in {workdir})", file=sys.stderr)
+    except TuneError as e:
+        print(f"hypergrad: error: {e} (nothing to report; the log is in {workdir})",
+              file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"hypergrad: {e}", file=sys.stderr)
         return 128 + e.signum
+    except MemoryError:
+        print(f"hypergrad: error: out of host memory; lower steps, batch_size or "
+              f"population, or set checkpoint=nested (the log so far is in {workdir})",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"hypergrad: error: out of device memory compiling or running the meta-step; "
+              f"lower steps, batch_size, val_batch_size or population, or set "
+              f"checkpoint=nested or hvp=forward (the log so far is in {workdir})",
+              file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a file system gone read-only: the last checkpoint stays
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"hypergrad: error: cannot write the run's files{where}: {e.strerror or e}; "
+              f"free space or fix permissions, then --resume --workdir {workdir}",
+              file=sys.stderr)
+        return 1
     print(f"wrote {workdir}")
     return 0
 
@@ -138,6 +191,7 @@ def _initialize_distributed(args) -> None:
 
 def _check(args) -> int:
     import jax
+    import numpy as np
 
     jax.config.update("jax_enable_x64", True)  # finite differences need float64
     from hypergrad.run import check
@@ -149,42 +203,81 @@ def _check(args) -> int:
     for r in records:
         print(f"{r['name']:{width}}  {r['analytic']:14.7e}  {r['numeric']:14.7e}  "
               f"{r['rel_error']:9.2e}")
-    worst = max(r["rel_error"] for r in records)
+    worst = float(np.max([r["rel_error"] for r in records]))  # NaN stays NaN: FAILED
+    print(f"rel error = |estimator - central diff| / the largest |derivative| among the "
+          f"directions ({records[0]['scale']:.3e})")
     verdict = "ok" if worst <= args.tol else "FAILED"
     print(f"max relative error {worst:.2e} (tolerance {args.tol:g}): {verdict}")
     return 0 if worst <= args.tol else 1
 
 
 def _own_plot(workdir: Path):
-    """The ``plot`` of the experiment that wrote ``workdir``, if it has its own ``main``
-    and left a ``results.json`` (and no ``metrics.jsonl``); else ``None``."""
+    """``out -> paths``, the ``plot`` of the experiment that wrote ``workdir``, if it has
+    its own ``main`` and left a ``results.json`` (and no ``metrics.jsonl``); else ``None``.
+
+    A ``results.json`` that is not JSON, or lacks what the plot reads, is a
+    :class:`hypergrad.plots.PlotError`, as a standard run's damaged metrics are."""
     import json
 
-    if (workdir / "metrics.jsonl").exists() or not (workdir / "results.json").is_file():
+    from hypergrad.plots import PlotError
+
+    results = workdir / "results.json"
+    if (workdir / "metrics.jsonl").exists() or not results.is_file():
         return None
     try:
         name = json.loads((workdir / "config.json").read_text())["experiment"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    from hypergrad.run import get_experiment
+    from hypergrad.experiment import get_experiment
 
-    return get_experiment(name).plot
+    plot = get_experiment(name).plot
+    if plot is None:
+        return None
+    try:
+        json.loads(results.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise PlotError(f"{results} is unreadable ({type(e).__name__}: {show(str(e))}); "
+                        f"run {name} again to rewrite it") from None
+
+    def draw(out: Path) -> list[Path]:
+        try:
+            return plot(workdir, out)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise PlotError(f"{results} lacks what {name}'s figures need "
+                            f"({type(e).__name__}: {show(str(e))}); run {name} again to "
+                            "rewrite it") from None
+
+    return draw
+
+
+def _out_dir(path: Path) -> Path:
+    """``path``, created if need be; a :class:`hypergrad.plots.PlotError` if it cannot be."""
+    from hypergrad.plots import PlotError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError for a file, NotADirectoryError beneath one
+        raise PlotError(f"cannot create the folder {clip(str(path))} for the figures "
+                        f"({e.strerror or e}); name a folder for --out") from None
+    return path
 
 
 def _plot(args) -> int:
     from hypergrad import plots
 
     workdirs = [Path(w) for w in args.workdirs]
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise plots.PlotError(f"--out {clip(args.out)} is a file, not a folder; name a "
+                              "folder for the figures")
     own = _own_plot(workdirs[0]) if len(workdirs) == 1 else None
     if own is not None:  # an experiment with its own main redraws from its results.json
-        out = Path(args.out) if args.out else workdirs[0]
-        out.mkdir(parents=True, exist_ok=True)
-        paths = own(workdirs[0], out)
+        paths = own(_out_dir(out or workdirs[0]))
     elif len(workdirs) == 1:
         plots.read_run(workdirs[0])  # a one-line error before any figure is drawn
-        paths = plots.plot_run(workdirs[0], args.out)
+        paths = plots.plot_run(workdirs[0], out and _out_dir(out))
     else:
-        paths = plots.plot_compare(workdirs, args.out or ".")
+        paths = plots.plot_compare(workdirs, _out_dir(out or Path(".")))
     for path in paths:
         print(f"wrote {path}")
     return 0

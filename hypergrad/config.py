@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any
 
+from hypergrad import estimators, outer
+from hypergrad.estimators.implicit import SOLVERS
 from hypergrad.hparams import HyperSpace
 from hypergrad.inner import HVP_MODES
+from hypergrad.messages import LIMIT, show
+from hypergrad.tune import DEFAULT_CLIP
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names it and says what would be right."""
 
 
-OUTERS = ("gd", "ncg", "adam")
-ESTIMATORS = ("reverse", "truncated", "forward", "implicit", "reversible")
-SOLVERS = ("cg", "neumann", "fixed_point")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
+MAX_INT = 2**31 - 1
+"""The largest value of an integer key other than ``seed``: JAX counts in int32."""
+MAX_SEED = 2**32 - 1
+"""The largest seed: ``jax.random.key`` takes 32-bit seeds (64-bit only under x64)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,8 @@ class Config:
       clip: hypergradients with a larger global norm are scaled down to it before a
         ``gd`` or ``adam`` update (0 turns clipping off); hypergradients of long unrolls
         spike near the edge of stability, and one spike can throw ``phi`` far away.
-      seed: decides the data split, the initial weights and the minibatch order.
+      seed: decides the data split, the initial weights and the minibatch order; at most
+        :data:`MAX_SEED` (with ``population_seeds``, ``seed + population - 1`` too).
       data: the dataset: ``digits``, ``mnist``, ``fashion_mnist``, ``kmnist``, ``cifar10``
         (tfds), ``idx:DIR`` (MNIST-format files) or ``npz:FILE``; see :mod:`hypergrad.data`.
       data_train_size, data_val_size, data_test_size: the split sizes, set as
@@ -59,20 +67,36 @@ class Config:
         many examples (0: all at once); bounds the memory a large validation set takes.
         ``seed-cnn`` also scores its test split in these chunks.
       dtype: ``float32`` or ``float64`` for weights, data and hyperparameters.
+      deterministic: make GPU runs reproducible bit for bit (XLA's
+        ``--xla_gpu_deterministic_ops``: deterministic reductions and scatters, no autotuned
+        nondeterministic kernels); set before JAX starts its devices. CPU runs are
+        deterministic already.
       save_every: meta-steps between checkpoints of the run (it also saves at the end,
         on SIGINT/SIGTERM and before stopping on an error).
       estimator: the hypergradient method: ``reverse``, ``truncated`` (through the last
-        ``window`` steps), ``forward``, ``implicit`` (with ``solver``, ``maxiter``) or
-        ``reversible`` (exact reversible SGD; needs float64).
-      window: the truncated estimator's window K (at most ``steps``).
+        ``window`` steps), ``forward``, ``implicit`` (with ``solver``, ``maxiter``),
+        ``reversible`` (exact reversible SGD; needs float64), ``es`` (evolution strategies
+        on the whole run, with ``sigma``, ``num_pairs``, ``cap``) or ``pes`` (persistent ES
+        over windows of ``window`` steps).
+      window: the truncated estimator's window K (at most ``steps``); ``pes``'s window.
       solver: the implicit estimator's linear solver: ``cg``, ``neumann``, ``fixed_point``.
       maxiter: the implicit solver's iterations.
       tol: the implicit solver's relative residual tolerance.
       solver_step: the step of the ``neumann`` and ``fixed_point`` solvers (needed by them).
+      sigma: ``es`` and ``pes``: the standard deviation of the Gaussian perturbations of
+        ``phi`` (log / logit units): the scale over which the validation loss is smoothed.
+      num_pairs: ``es`` and ``pes``: antithetic pairs of perturbed training runs per
+        hypergradient (their cost: 2 * num_pairs training runs).
+      cap: ``es`` and ``pes``: a perturbed run whose validation loss is not finite or above
+        ``cap`` counts as ``cap`` (none: no cap), so a diverging neighbour does not make the
+        estimate NaN.
       online: tune while training: one training run of ``steps`` inner steps whose
         hyperparameters are updated every ``window`` steps by the hypergradient through
         the next ``window`` steps, continuing from the current weights (``meta_steps`` and
         ``estimator`` are not used).
+      resample: train meta-step t with ``fold_in(key(seed), t)``: fresh minibatches and
+        noise each meta-step (for dropout and augmentation strengths: their expected
+        effect, not one draw's); see :func:`hypergrad.tune`.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
@@ -94,7 +118,7 @@ class Config:
     batch_size: int = 100
     outer: str = "gd"
     outer_lr: float | None = None
-    clip: float = 0.5
+    clip: float = DEFAULT_CLIP
     seed: int = 0
     data: str = "digits"
     data_train_size: int = dataclasses.field(default=1000, metadata={"key": "data.train_size"})
@@ -107,6 +131,7 @@ class Config:
     hvp_batch_size: int = 0
     val_batch_size: int = 0
     dtype: str = "float32"
+    deterministic: bool = False
     save_every: int = 5
     estimator: str = "reverse"
     window: int = 10
@@ -114,7 +139,11 @@ class Config:
     maxiter: int = 50
     tol: float = 1e-6
     solver_step: float | None = None
+    sigma: float = 0.1
+    num_pairs: int = 16
+    cap: float | None = None
     online: bool = False
+    resample: bool = False
     population: int = 1
     population_spread: float = 0.5
     population_seeds: bool = False
@@ -146,20 +175,33 @@ class Config:
         return space
 
     def validate(self) -> Config:
-        """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        """Check every value; raise :class:`ConfigError` naming the first bad one.
+
+        Every float key, an experiment's own included, must be finite, and every integer
+        key at most :data:`MAX_INT` (``seed`` at most :data:`MAX_SEED`).
+        """
         from hypergrad.data import DataError, check_name  # here: data imports scikit-learn
 
+        _bounded_ints(self)
         _at_least(self, "steps", 1)
         _at_least(self, "meta_steps", 1)
         _at_least(self, "batch_size", 0)
         self.checkpoint_policy()
         _at_least(self, "seed", 0)
+        last = self.seed + (self.population - 1 if self.population_seeds else 0)
+        if last > MAX_SEED:
+            what = "seed + population - 1" if last != self.seed else "seed"
+            raise ConfigError(f"{what} must be at most {MAX_SEED} (2^32 - 1, what "
+                              f"jax.random.key takes), got {show(last)}")
         _at_least(self, "save_every", 1)
         _at_least(self, "window", 1)
         _at_least(self, "maxiter", 1)
-        _one_of(self, "estimator", ESTIMATORS)
+        _at_least(self, "num_pairs", 1)
+        if not self.sigma > 0:
+            raise ConfigError(f"sigma must be > 0, got {self.sigma:g}")
+        _one_of(self, "estimator", estimators.NAMES)
         _one_of(self, "solver", SOLVERS)
-        if (self.estimator == "truncated" or self.online) and self.window > self.steps:
+        if (self.estimator in ("truncated", "pes") or self.online) and self.window > self.steps:
             raise ConfigError(f"window must be at most steps ({self.steps}), got {self.window}")
         if not self.tol > 0:
             raise ConfigError(f"tol must be > 0, got {self.tol:g}")
@@ -169,7 +211,7 @@ class Config:
                 and self.solver_step is None):
             raise ConfigError(f"solver {self.solver} needs solver_step (for example the "
                               "inner learning rate): --set solver_step=0.01")
-        _one_of(self, "outer", OUTERS)
+        _one_of(self, "outer", outer.NAMES)
         _one_of(self, "loss", LOSSES)
         _one_of(self, "hvp", HVP_MODES)
         try:
@@ -204,6 +246,7 @@ class Config:
             self.hyperspace()
         except ValueError as e:  # ConfigError included
             raise ConfigError(str(e)) from None
+        _finite_floats(self)
         return self
 
     def load_data(self) -> Any:
@@ -221,10 +264,11 @@ class Config:
         """``checkpoint`` as :func:`hypergrad.estimators.reverse` takes it."""
         if self.checkpoint in ("none", "step", "nested"):
             return None if self.checkpoint == "none" else self.checkpoint
-        if self.checkpoint.isdigit() and int(self.checkpoint) >= 1:
+        # Only ASCII digits: str.isdigit() also accepts '²', which int() refuses.
+        if re.fullmatch(r"[0-9]+", self.checkpoint) and int(self.checkpoint) >= 1:
             return int(self.checkpoint)
         raise ConfigError(f"checkpoint must be none, step, nested or a positive integer k, "
-                          f"got {self.checkpoint!r}")
+                          f"got {show(self.checkpoint)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict, keyed as ``--set`` spells the keys."""
@@ -239,17 +283,51 @@ def _key(field: dataclasses.Field) -> str:
     return field.metadata.get("key", field.name)
 
 
+def parse_widths(key: str, text: str, at_least: int = 1) -> tuple[int, ...]:
+    """Layer widths from ``"8,16,16"`` (at least ``at_least`` positive integers); a
+    :class:`ConfigError` naming ``key`` otherwise. Channel and size lists of experiments."""
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) < at_least or min(widths, default=0) < 1:
+        what = "positive integers" if at_least == 1 else f"at least {at_least} positive integers"
+        raise ConfigError(f"{key} must be {what} separated by commas, got {show(text)}")
+    return widths
+
+
 def _at_least(config: Config, name: str, low: int) -> None:
     value = getattr(config, name)
     if value < low:
         key = _key(next(f for f in dataclasses.fields(config) if f.name == name))
-        raise ConfigError(f"{key} must be at least {low}, got {value}")
+        raise ConfigError(f"{key} must be at least {low}, got {show(value)}")
+
+
+def _bounded_ints(config: Config) -> None:
+    """Integer keys fit in int32 (``steps=10**20`` is an OverflowError deep in JAX)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if (f.name != "seed" and isinstance(value, int) and not isinstance(value, bool)
+                and value > MAX_INT):
+            raise ConfigError(f"{_key(f)} must be at most {MAX_INT}, got {show(value)}")
+
+
+def _finite_floats(config: Config) -> None:
+    """Every float key (of any experiment) must be finite: ``inf`` and ``nan`` pass
+    range checks such as ``>= 0`` and then poison a run."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind = hints[f.name]
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        value = getattr(config, f.name)
+        if float in options and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_key(f)} must be a finite number, got {value}")
 
 
 def _one_of(config: Config, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, name)
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {show(value)}")
 
 
 def _parse(name: str, text: str, kind: Any) -> Any:
@@ -260,17 +338,17 @@ def _parse(name: str, text: str, kind: Any) -> Any:
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise ConfigError(f"{name} must be true or false, got {text!r}")
+        raise ConfigError(f"{name} must be true or false, got {show(text)}")
     if kind is int:
         try:
             return int(text)
         except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {text!r}") from None
+            raise ConfigError(f"{name} must be an integer, got {show(text)}") from None
     if kind is float:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(f"{name} must be a number, got {text!r}") from None
+            raise ConfigError(f"{name} must be a number, got {show(text)}") from None
     return text
 
 
@@ -288,7 +366,9 @@ def override(config: Config, assignments: list[str]) -> Config:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {show(item)}")
+        if len(key) > LIMIT:  # no key is this long; echo it cut, not whole
+            raise ConfigError(f"unknown config key {show(key)}")
         if key.startswith("hparams."):
             name, dot, option = key[len("hparams."):].rpartition(".")
             if not dot or not name or option not in HPARAM_OPTIONS:

@@ -20,6 +20,7 @@ import optax
 
 __all__ = [
     "DEFAULT_LR",
+    "NAMES",
     "NonlinearCGState",
     "adam",
     "by_name",
@@ -406,6 +407,8 @@ def nonlinear_cg(
 
 _BY_NAME: dict[str, Callable[[float], optax.GradientTransformationExtraArgs]] = {
     "gd": gradient_descent, "ncg": nonlinear_cg, "adam": adam}
+#: The hyper-updates a config can name.
+NAMES = tuple(_BY_NAME)
 
 # Step sizes for `by_name(name, None)`, in units of `phi` (log / logit coordinates). For ncg
 # it is only the first trial step: the line search sets the scale from then on.

@@ -65,9 +65,9 @@ def _groups(records: list[dict[str, Any]], name: str) -> dict[str, list[float]] 
             for g in first["groups"]}
 
 
-def _members(workdir: Path, records: list[dict[str, Any]]):
+def _members(records: list[dict[str, Any]], best: int | None):
     """A population run's members as ``{member: (meta_steps, val_losses, hparams)}`` over
-    their accepted meta-steps, and the best member (``summary.json``'s, else the lowest
+    their accepted meta-steps, and the best member (``best`` if given, else the lowest
     last validation loss); ``({}, None)`` for a single run."""
     series: dict[int, tuple[list, list, list]] = {}
     for r in records:
@@ -79,8 +79,6 @@ def _members(workdir: Path, records: list[dict[str, Any]]):
                 hps.append(e["hparams"])
     if not series:
         return {}, None
-    summary = workdir / "summary.json"
-    best = json.loads(summary.read_text()).get("best_member") if summary.exists() else None
     if best not in series:
         best = min(series, key=lambda m: series[m][1][-1])
     return series, best
@@ -106,27 +104,43 @@ def _draw(ax, steps, values, series, best, pick, legend=False) -> list[float]:
 
 
 def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write ``val_loss.png`` and ``hparams.png`` into ``out`` (default ``workdir``);
-    return their paths.
-
-    ``val_loss.png``: validation loss per meta-step. ``hparams.png``: one panel per
-    hyperparameter with its trajectory (one line per group for a per-layer one with at
-    most :data:`MAX_GROUP_LINES` groups, else the mean), on a log axis
-    where the values are positive and span more than a factor of 3. For a population
-    every member is drawn faintly and the best member boldly.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write a run's figures (:func:`plot_records`, and ``schedules.png`` for scheduled
+    hyperparameters) into ``out`` (default ``workdir``); return their paths."""
     workdir = Path(workdir)
     out = workdir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = _records(workdir)
+    summary = workdir / "summary.json"
+    try:
+        best = json.loads(summary.read_text()).get("best_member") if summary.exists() else None
+    except ValueError:
+        best = None
+    paths = plot_records(_records(workdir), out, best_member=best)
+    schedules = plot_schedules(workdir, out)
+    return paths + ([schedules] if schedules else [])
+
+
+def plot_records(records: list[dict[str, Any]], out: str | Path | None = None,
+                 best_member: int | None = None) -> list[Any]:
+    """``val_loss.png`` and ``hparams.png`` from a run's records (``metrics.jsonl``'s
+    lines, or ``History.records``): written into ``out`` (paths returned), or, without
+    ``out``, the matplotlib figures themselves.
+
+    ``val_loss``: validation loss per meta-step. ``hparams``: one panel per hyperparameter
+    with its trajectory (one line per group for a per-layer one with at most
+    :data:`MAX_GROUP_LINES` groups, else the mean), on a log axis where the values are
+    positive and span more than a factor of 3. For a population every member is drawn
+    faintly and the best member boldly.
+    """
+    import matplotlib
+
+    if out is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "val_loss" in r]
     steps = [r["meta_step"] for r in records]
-    series, best = _members(workdir, records)
-    paths = []
+    series, best = _members(records, best_member)
+    figures = []
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
     _draw(ax, steps, [r["val_loss"] for r in records], series, best, lambda v, h: v,
@@ -134,7 +148,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
-    paths.append(save_figure(fig, out / "val_loss.png"))
+    figures.append(("val_loss.png", fig))
 
     names = list(records[0]["hparams"]) if records else []
     if names:
@@ -156,9 +170,14 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
             ax.set_title(name, fontsize=10)
             ax.set_xlabel("meta-step")
             ax.grid(alpha=0.3)
-        paths.append(save_figure(fig, out / "hparams.png"))
-    schedules = plot_schedules(workdir, out)
-    return paths + ([schedules] if schedules else [])
+        figures.append(("hparams.png", fig))
+    if out is None:
+        for _, fig in figures:
+            fig.tight_layout()
+        return [fig for _, fig in figures]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return [save_figure(fig, out / name) for name, fig in figures]
 
 
 def plot_schedules(workdir: str | Path, out: str | Path | None = None) -> Path | None:
@@ -281,11 +300,18 @@ def plot_compare(workdirs: Sequence[str | Path], out: str | Path) -> list[Path]:
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Lay out, write and close a matplotlib figure; every figure of the project is saved
-    here. Returns ``path``."""
+    here, atomically (a temporary file renamed over ``path``). Returns ``path``."""
+    import os
+
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+import hypergrad as hg
 from hypergrad import population as pop
-from hypergrad.config import ConfigError, override
-from hypergrad.run import build, estimator_for, get_experiment, make_meta_step, outer_for, run
+from hypergrad.config import override
+from hypergrad.experiment import build, estimator_for, get_experiment, outer_for
+from hypergrad.run import run
 from tests.test_run import QUAD, QuadConfig
 
 TINY = ["steps=4", "batch_size=20", "channels=4,4,4", "dtype=float64", "outer=adam"]
@@ -28,9 +30,9 @@ def test_device_count_divides_the_population():
     assert pop.device_count(8) == 4
     assert pop.device_count(6) == 3  # the largest divisor that fits
     assert pop.device_count(3, devices=3) == 3
-    with pytest.raises(ConfigError, match="not divisible by devices=4"):
+    with pytest.raises(pop.DeviceError, match="not divisible by devices=4"):
         pop.device_count(6, devices=4)
-    with pytest.raises(ConfigError, match="devices=5 but JAX sees 4"):
+    with pytest.raises(pop.DeviceError, match="devices=5 but JAX sees 4"):
         pop.device_count(10, devices=5)
 
 
@@ -53,46 +55,30 @@ def test_population_equals_separate_runs_sharded_or_not_and_compiles_once():
     config = override(experiment.config, TINY)
     task, traces = _counting(build(experiment, config).task)
     est, opt = estimator_for(config), outer_for(config)
-    phi = pop.member_phis(task.space.init(jnp.float64), P, 0.5, config.seed)
-    keys = pop.member_keys(config.seed, P, True)
-    state = jax.vmap(opt.init)(phi)
-    scale = jnp.ones(P)
+    phi0 = task.space.init(jnp.float64)
+    keys = jax.vmap(jax.random.key)(config.seed + jnp.arange(P))
+    starts = pop.member_phis(phi0, P, 0.5, jax.random.key(config.seed))
 
-    # Reference: P separate meta-step sequences, one member at a time.
-    single = make_meta_step(est, opt)
-    separate = []
-    for m in range(P):
-        p, s = pop.member(phi, m), pop.member(state, m)
-        vals = []
-        for _ in range(2):
-            p, s, metrics = single(task, p, s, jax.random.wrap_key_data(keys[m]), scale[m])
-            vals.append(metrics["val_loss"])
-        separate.append((p, s, vals))
-
-    mesh = pop.make_mesh(4)
-    for where in (None, mesh):
-        step = pop.make_population_step(est, opt, where)
-        t = pop.put(task, where, PartitionSpec())
-        k, sc, p, s = (pop.put(x, where, PartitionSpec(pop.AXIS))
-                       for x in (keys, scale, phi, state))
-        vals = []
-        for i in range(2):
-            p, s, metrics = step(t, p, s, k, sc)
-            vals.append(metrics["val_loss"])
-            if i == 0:
-                n = len(traces)
-        assert n > 0 and len(traces) == n, "the population step compiled twice"
-        if where is not None:
-            assert p["learning_rate"].sharding.spec == PartitionSpec(pop.AXIS)
-            assert len(p["learning_rate"].sharding.device_set) == 4
-        for m, (p_ref, s_ref, vals_ref) in enumerate(separate):
-            for got, want in zip(_leaves(pop.member(p, m)), _leaves(p_ref), strict=True):
+    # Reference: P separate single runs, one member at a time, from the members' starts.
+    separate = [hg.tune(task, est, opt, key=keys[m], phi=pop.member(starts, m),
+                        meta_steps=2) for m in range(P)]
+    for devices in (1, 4):
+        counts = []
+        history = hg.tune(task, est, opt, key=keys, phi=phi0, population=P, spread=0.5,
+                          devices=devices, meta_steps=3,
+                          callback=lambda record, state, c=counts: c.append(len(traces)))
+        assert counts[0] > 0 and counts[-1] == counts[0], "the population step compiled twice"
+        state = history.state
+        if devices == 4:
+            assert state.phi["learning_rate"].sharding.spec == PartitionSpec(pop.AXIS)
+            assert len(state.phi["learning_rate"].sharding.device_set) == 4
+        for m, ref in enumerate(separate):
+            np.testing.assert_allclose(history.val_loss[:2, m], ref.val_loss, rtol=1e-12)
+            per_step = jax.tree.map(lambda x, m=m: x[:2, m], history.hparams)
+            for got, want in zip(_leaves(per_step), _leaves(ref.hparams), strict=True):
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
-            for got, want in zip(_leaves(pop.member(s, m)), _leaves(s_ref), strict=True):
-                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose([v[m] for v in vals], vals_ref, rtol=1e-12)
         # The members started apart and stayed apart: the comparison is not trivial.
-        assert len({float(v) for v in np.asarray(vals[-1])}) == P
+        assert len({float(v) for v in history.val_loss[-1]}) == P
 
 
 def records(workdir):

@@ -40,6 +40,8 @@ def test_check_is_below_tolerance(estimator, capsys):
     assert main(["check", *TINY, "--set", f"estimator={estimator}"]) == 0
     out = capsys.readouterr().out
     assert "learning_rate" in out and "leaky_slope" in out
+    assert "rel error = |estimator - central diff| / the largest |derivative| among the " \
+           "directions (" in out  # the rule, stated where the verdict is
     assert out.strip().endswith("ok")
 
 
@@ -151,6 +153,28 @@ BAD_SETS = [
     (["estimator=implicit", "solver=neumann"], "solver neumann needs solver_step"),
     (["estimator=truncated", "window=500"], "window must be at most steps (100)"),
     (["online=maybe"], "online must be true or false"),
+    (["conv=fft"], "conv must be one of auto, matmul, native"),
+    (["estimator=es", "sigma=0"], "sigma must be > 0"),
+    (["estimator=es", "num_pairs=0"], "num_pairs must be at least 1"),
+    # Issue 21: each of these was a traceback or was accepted.
+    (["checkpoint=²"], "checkpoint must be none, step, nested or a positive integer k, "
+                       "got '²'"),
+    (["seed=99999999999999999999"], "seed must be at most 4294967295 (2^32 - 1, what "
+                                    "jax.random.key takes), got 99999999999999999999"),
+    (["seed=4294967296"], "seed must be at most 4294967295"),
+    (["steps=99999999999999999999"], "steps must be at most 2147483647, got 9999"),
+    (["data.val_size=2147483648"], "data.val_size must be at most 2147483647"),
+    (["population=3", "population_seeds=true", "seed=4294967294"],
+     "seed + population - 1 must be at most 4294967295"),
+    (["population=2", "population_spread=inf"], "population_spread must be a finite "
+                                                "number, got inf"),
+    (["population_spread=nan"], "population_spread must be >= 0, got nan"),
+    (["outer_lr=inf"], "outer_lr must be a finite number, got inf"),
+    (["clip=inf"], "clip must be a finite number, got inf"),
+    (["tol=1e999"], "tol must be a finite number, got inf"),
+    (["solver_step=inf"], "solver_step must be a finite number, got inf"),
+    (["data.train_size=5000"], "train_size + val_size = 5400 exceeds the 1797 examples "
+                               "available; lower train_size or val_size"),
 ]
 
 
@@ -170,6 +194,7 @@ def assert_one_line_error(argv, message, capsys):
     assert status == 2, err
     assert message in err
     assert err.count("\n") == 1 and err.startswith("hypergrad: error:")
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +312,95 @@ def test_plot_bad_workdir_is_one_line_exit_2(tmp_path, capsys, make, message):
     assert main(["plot", str(workdir)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+LONG = "x" * 100_000  # issue 21, item 8: a 100 KB value must not make a 100 KB line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--set", f"data={LONG}"], "unknown dataset 'xxxx"),
+    (["run", "--set", f"data=npz:/{LONG}"], "npz:/xxx"),
+    (["run", "--set", f"steps={LONG}"], "steps must be an integer, got 'xxx"),
+    (["run", "--set", f"outer={LONG}"], "outer must be one of gd, ncg, adam; got 'xxx"),
+    (["run", "--set", f"checkpoint={LONG}"], "checkpoint must be none, step"),
+    (["run", "--set", f"online={LONG}"], "online must be true or false"),
+    (["run", "--set", f"{LONG}=1"], "unknown config key 'xxx"),
+    (["run", "--set", LONG], "--set expects key=value"),
+    (["run", "--set", f"hparams.learning_rate.per={LONG}"], "per must be one of"),
+    (["run", "--set", f"hparams.learning_rate.schedule={LONG}"], "schedule must be one of"),
+    (["run", LONG], "no experiment is named 'xxx"),
+    (["check", "--directions", LONG], "--directions: must be an integer"),
+    (["check", "--tol", LONG], "--tol: must be a number"),
+    (["plot", "w", f"--{LONG}"], "unrecognized arguments: --xxx"),
+])
+def test_long_values_are_cut_in_the_error_line(argv, message, capsys, tmp_path):
+    workdir = ["--workdir", str(tmp_path / "w")] if argv[0] == "run" else []
+    err = assert_one_line_error([*argv, *workdir], message, capsys)
+    assert len(err) < 400 and "…" in err, err[:1000]
+    assert not (tmp_path / "w").exists()
+
+
+def test_cut_values_say_how_long_they_were():
+    from hypergrad.messages import LIMIT, cut_line, show
+
+    assert show("abc") == "'abc'"
+    cut = show(LONG)
+    assert len(cut) < LIMIT + 30 and cut.endswith("… (100002 characters)")
+    line = cut_line("start " + LONG + " end")
+    assert len(line) <= 300 and line.startswith("start x") and line.endswith("x end")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--directions", "0"], "argument --directions: must be at least 1, got 0"),
+    (["--directions", "-1"], "argument --directions: must be at least 1, got -1"),
+    (["--tol", "nan"], "argument --tol: must be a positive finite number, got nan"),
+    (["--tol", "-1"], "argument --tol: must be a positive finite number, got -1"),
+    (["--tol", "inf"], "argument --tol: must be a positive finite number, got inf"),
+])
+def test_check_refuses_bad_options_before_any_work(option, message, capsys, monkeypatch):
+    import hypergrad.run
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the check ran")
+
+    monkeypatch.setattr(hypergrad.run, "check", no_work)
+    monkeypatch.setattr(hypergrad.run, "build", no_work)
+    assert_one_line_error(["check", *TINY, *option], message, capsys)
+
+
+def test_plot_out_must_be_a_folder(tmp_path, capsys, finished_run):
+    target = tmp_path / "figure.png"
+    target.write_bytes(b"keep me")
+    assert_one_line_error(["plot", str(finished_run), "--out", str(target)],
+                          "is a file, not a folder; name a folder for the figures", capsys)
+    assert_one_line_error(["plot", str(finished_run), "--out", str(target / "sub")],
+                          "cannot create the folder", capsys)
+    assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("results, message", [
+    (b"{not json", "results.json is unreadable (JSONDecodeError"),
+    (b"\xff\xfe", "results.json is unreadable (UnicodeDecodeError"),
+    (b'{"alphas": [1]}', "results.json lacks what baydin-hd's figures need (KeyError"),
+    (b"[1, 2]", "results.json lacks what baydin-hd's figures need (TypeError"),
+])
+def test_plot_of_an_own_main_experiment_with_garbage_results(results, message, tmp_path,
+                                                             capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"experiment": "baydin-hd"}')
+    (workdir / "results.json").write_bytes(results)
+    assert_one_line_error(["plot", str(workdir)], message, capsys)
+    assert {p.name for p in workdir.iterdir()} == {"config.json", "results.json"}
+
+
+def test_deterministic_after_jax_started_is_one_line(tmp_path, capsys, monkeypatch):
+    import jax.numpy as jnp
+
+    jnp.ones(1).block_until_ready()  # JAX's devices are up in this process
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert main(["run", "--set", "deterministic=true", "--set", "steps=2",
+                 "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "XLA_FLAGS=--xla_gpu_deterministic_ops=true" in err[0]
+    assert not (tmp_path / "w").exists()

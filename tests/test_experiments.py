@@ -11,7 +11,7 @@ def test_list_names_every_experiment(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("seed-cnn", "grazzi-hierarchy", "hoag", "baydin-hd", "seed-recurrence",
-                 "maclaurin-schedules", "hyper-cleaning"):
+                 "maclaurin-schedules", "hyper-cleaning", "augment", "chaos"):
         assert name in out
 
 
@@ -38,7 +38,7 @@ def test_grazzi_hierarchy_tiny(tmp_path, capsys):
 
 
 def test_every_self_contained_experiment_can_redraw_its_figures():
-    from hypergrad.run import experiments
+    from hypergrad.experiment import experiments
 
     for name, exp in experiments().items():
         assert (exp.main is None) == (exp.plot is None), name

@@ -16,7 +16,9 @@ import pytest
 
 from hypergrad import population as pop
 from hypergrad.config import ConfigError, override
-from hypergrad.run import RunError, get_experiment, run
+from hypergrad.experiment import get_experiment
+from hypergrad.run import run
+from hypergrad.tune import TuneError
 from tests.test_run import QUAD, QuadConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ def summary(workdir):
 
 def test_member_starts_follow_the_documented_rule():
     phi = {"learning_rate": jnp.log(jnp.asarray(0.01)), "momentum": jnp.zeros((3,))}
-    members = pop.member_phis(phi, 5, 0.5, seed=7)
+    members = pop.member_phis(phi, 5, 0.5, jax.random.key(7))
     assert members["momentum"].shape == (5, 3)
     for name in phi:  # member 0 is the configured start
         np.testing.assert_array_equal(members[name][0], phi[name])
@@ -52,19 +54,26 @@ def test_member_starts_follow_the_documented_rule():
         np.testing.assert_allclose(
             members["momentum"][m],
             phi["momentum"] + 0.5 * jax.random.normal(k_mom, (3,), jnp.float64), rtol=1e-15)
-    fewer = pop.member_phis(phi, 3, 0.5, seed=7)  # a member's start does not depend on P
+    # A member's start does not depend on P.
+    fewer = pop.member_phis(phi, 3, 0.5, jax.random.key(7))
     np.testing.assert_array_equal(fewer["momentum"], members["momentum"][:3])
     assert len({float(v) for v in members["learning_rate"]}) == 5
-    same = pop.member_phis(phi, 4, 0.0, seed=7)
+    same = pop.member_phis(phi, 4, 0.0, jax.random.key(7))
     np.testing.assert_array_equal(same["momentum"], np.broadcast_to(phi["momentum"], (4, 3)))
 
 
 def test_member_keys():
+    from hypergrad.run import keys_for
+
     data = lambda s: np.asarray(jax.random.key_data(jax.random.key(s)))  # noqa: E731
-    shared, own = pop.member_keys(3, 4, False), pop.member_keys(3, 4, True)
+    shared = pop.member_keys(keys_for(QuadConfig(seed=3, population=4)), 4)
+    own = pop.member_keys(keys_for(QuadConfig(seed=3, population=4,
+                                                 population_seeds=True)), 4)
     for m in range(4):
         np.testing.assert_array_equal(shared[m], data(3))
         np.testing.assert_array_equal(own[m], data(3 + m))
+    with pytest.raises(ValueError, match="one key or 4 keys"):
+        pop.member_keys(jax.random.split(jax.random.key(0), 3), 4)
 
 
 @pytest.mark.parametrize("sets, match", [
@@ -94,11 +103,12 @@ def test_an_experiment_with_its_own_main_refuses_a_population(tmp_path):
 
 def test_population_run_equals_separate_runs_and_a_nan_touches_one_member(tmp_path):
     # Three members on the quadratic; the validation loss is NaN above a learning rate
-    # between the largest member's and the others', so that member is rejected at every
-    # meta-step and retired, while the others must equal their own single runs.
+    # between the largest member's and the others', so that member's start is rejected and
+    # it retires at once (re-evaluating it would give the same NaN), while the others must
+    # equal their own single runs.
     size, spread = 3, 1.0
     lrs = np.exp(np.asarray(pop.member_phis(
-        QuadConfig().space().init(), size, spread, seed=0)["learning_rate"]))
+        QuadConfig().space().init(), size, spread, jax.random.key(0))["learning_rate"]))
     worst = int(np.argmax(lrs))
     others = sorted(set(range(size)) - {worst})
     nan_above = float((lrs[worst] + max(lrs[others])) / 2)
@@ -110,16 +120,15 @@ def test_population_run_equals_separate_runs_and_a_nan_touches_one_member(tmp_pa
     for i, r in enumerate(lines):
         assert [e["member"] for e in r["members"]] == list(range(size))
         entry = r["members"][worst]
-        assert ("retired" in entry) if i == 3 else ("rejected" in entry["warning"])
+        assert ("retired" in entry) if i else ("starting point itself" in entry["warning"])
         accepted = {e["member"]: e["val_loss"] for e in r["members"] if "val_loss" in e}
         assert set(accepted) == set(others)
         assert r["best_member"] == min(accepted, key=accepted.get)
         assert r["val_loss"] == accepted[r["best_member"]]
         assert r["hparams"] == r["members"][r["best_member"]]["hparams"]
-    assert "retired after 3 rejections" in lines[2]["members"][worst]["warning"]
     row = result["members"][worst]
-    assert row["retired"] and row["rejected_meta_steps"] == 3
-    assert row["final_hparams"] == row["initial_hparams"]  # the NaN never reached phi
+    assert row["retired"] and row["rejected_meta_steps"] == 1
+    assert row["final_hparams"] is None and row["final_val_loss"] is None  # no point
 
     for m in others:
         single = run(QUAD, dataclasses.replace(config, population=1,
@@ -141,7 +150,7 @@ def test_population_run_equals_separate_runs_and_a_nan_touches_one_member(tmp_pa
     assert result["final_val_loss_spread"]["max"] == max(finals[m] for m in others)
     assert result["population"] == size and result["devices"] == len(jax.devices())
     assert result["final_hparams"] == result["members"][b]["final_hparams"]
-    assert result["rejected_meta_steps"] == 3
+    assert result["rejected_meta_steps"] == 1
     for name in ("val_loss.png", "hparams.png", "summary.json", "checkpoint.npz"):
         assert (tmp_path / "pop" / name).stat().st_size > 0
 
@@ -149,10 +158,10 @@ def test_population_run_equals_separate_runs_and_a_nan_touches_one_member(tmp_pa
 def test_every_member_retired_stops_the_run(tmp_path):
     config = QuadConfig(population=2, population_spread=0.0, learning_rate=0.5,
                         nan_above=0.3, meta_steps=6)
-    with pytest.raises(RunError, match="every member"):
+    with pytest.raises(TuneError, match="starting point"):
         run(QUAD, config, tmp_path, progress=False, max_rejections=2)
     lines = records(tmp_path)
-    assert len(lines) == 2 and "stopped" in lines[-1]
+    assert len(lines) == 1 and "stopped" in lines[-1]
 
 
 def test_resume_a_population_equals_an_uninterrupted_run(tmp_path):

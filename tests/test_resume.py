@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from hypergrad import checkpoint
+from hypergrad import workdir as files
 from hypergrad.cli import main
-from hypergrad.config import ConfigError
 from hypergrad.run import run
+from hypergrad.workdir import WorkdirError
 from tests.test_run import QUAD, QuadConfig
 
 TINY = ["--set", "steps=4", "--set", "batch_size=20", "--set", "channels=4,4,4",
@@ -85,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
         assert p.wait(timeout=120) == 128 + signal.SIGTERM
         err = p.stderr.read()
     assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
-    _, meta = checkpoint.load(work / "checkpoint.npz", _template(work))
+    _, meta = files.load_checkpoint(work / "checkpoint.npz", _template(work))
     done = meta["meta_step"]
     assert 2 <= done < 40 and len(metrics(work)) == done
     # The run may be resumed with a different number of meta-steps (and nothing else).
@@ -97,15 +97,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
 
 def _template(work):
     from hypergrad.config import from_dict
-    from hypergrad.run import get_experiment, outer_for
+    from hypergrad.experiment import estimator_for, get_experiment, outer_for
+    from hypergrad.population import host
+    from hypergrad.run import keys_for
+    from hypergrad.tune import initial_state
 
     saved = json.loads((work / "config.json").read_text())
     experiment = get_experiment(saved.pop("experiment"))
     config = from_dict(experiment.config, saved)
-    phi = experiment.build(config).task.space.init(np.float32)
-    state = outer_for(config).init(phi)
-    return {"phi": phi, "opt_state": state, "good_phi": phi, "good_state": state,
-            "best_phi": phi}
+    task = experiment.build(config).task
+    return host(initial_state(task, estimator_for(config), outer_for(config),
+                              key=keys_for(config), phi=task.space.init(np.float32)))
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -116,7 +118,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, mo
     real_replace = os.replace
 
     def dying_replace(src, dst):
-        calls.append(dst)
+        calls.extend([dst] if str(dst).endswith("checkpoint.npz") else [])
         if str(dst).endswith("checkpoint.npz") and len(calls) == 3:
             with open(src, "r+b") as f:  # the process dies with half a file written
                 f.truncate(100)
@@ -124,10 +126,10 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, mo
         return real_replace(src, dst)
 
     work = tmp_path / "w"
-    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         run(QUAD, config, work, progress=False)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     assert (work / "checkpoint.npz.tmp").stat().st_size == 100
     run(QUAD, config, work, progress=False, resume=True)
     assert metrics(work) == metrics(tmp_path / "ref")
@@ -141,15 +143,15 @@ def test_online_run_resumes_after_a_kill_like_an_uninterrupted_one(tmp_path, mon
     calls = []
 
     def dying_replace(src, dst):
-        calls.append(dst)
+        calls.extend([dst] if str(dst).endswith("checkpoint.npz") else [])
         if len(calls) == 4:
             raise KeyboardInterrupt("killed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         run(QUAD, config, tmp_path / "w", progress=False)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     run(QUAD, config, tmp_path / "w", progress=False, resume=True)
     assert [r["inner_step"] for r in metrics(tmp_path / "ref")] == [2, 4, 6, 8, 10, 12]
     assert metrics(tmp_path / "w") == metrics(tmp_path / "ref")
@@ -160,7 +162,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
     config = QuadConfig(meta_steps=2)
     run(QUAD, config, tmp_path, progress=False)
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ConfigError, match="checkpoint .* is unreadable"):
+    with pytest.raises(WorkdirError, match="checkpoint .* is unreadable"):
         run(QUAD, config, tmp_path, progress=False, resume=True)
     assert (tmp_path / "checkpoint.npz").read_bytes() == b"not a zip file"
 

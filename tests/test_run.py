@@ -10,7 +10,10 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.config import Config
-from hypergrad.run import Experiment, Problem, RunError, make_meta_step, outer_for, run
+from hypergrad.experiment import Experiment, Problem
+from hypergrad.run import run
+from hypergrad.tune import TuneError
+from hypergrad.workdir import WorkdirError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,7 @@ def test_run_writes_config_metrics_summary_and_figures(tmp_path, capsys):
 
 def test_refuses_a_workdir_that_holds_a_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("keep me\n")
-    with pytest.raises(hg.config.ConfigError, match="already holds files"):
+    with pytest.raises(WorkdirError, match="already holds files"):
         run(QUAD, QuadConfig(), tmp_path, progress=False)
     assert (tmp_path / "metrics.jsonl").read_text() == "keep me\n"
 
@@ -93,12 +96,28 @@ def test_non_finite_values_never_reach_phi(tmp_path):
     assert summary["rejected_meta_steps"] == len(warnings)
 
 
-def test_too_many_rejections_stop_the_run_and_keep_the_log(tmp_path):
+def test_a_start_that_diverges_stops_at_once_and_keeps_the_log(tmp_path):
+    # Re-evaluating the same point gives the same NaN: the run says so after the first.
     config = QuadConfig(learning_rate=0.5, nan_above=0.3, meta_steps=10)
-    with pytest.raises(RunError, match="in a row were rejected"):
+    with pytest.raises(TuneError, match="starting point"):
         run(QUAD, config, tmp_path, progress=False, max_rejections=3)
     lines = records(tmp_path)
-    assert len(lines) == 3 and all("warning" in r for r in lines)
+    assert len(lines) == 1 and "starting point itself" in lines[0]["warning"]
+
+
+def test_too_many_rejections_in_a_row_stop_the_run_with_a_summary(tmp_path):
+    # Unclipped GD with a huge step throws log lr far beyond the guard's max_phi; the step
+    # is refused, the halved retry from the same point is refused too, and the run gives
+    # up with a summary of the points it did evaluate (the start, twice).
+    config = QuadConfig(outer="gd", outer_lr=1e6, clip=0.0, meta_steps=10, nan_above=0.3)
+    summary = run(QUAD, config, tmp_path, progress=False, max_rejections=2)
+    lines = records(tmp_path)
+    assert len(lines) == 2 and all("out-of-range" in r["warning"] for r in lines)
+    assert "retired after 2 rejections" in lines[-1]["warning"]
+    assert "rejected 2 times in a row" in summary["stopped_early"]
+    assert summary["final_meta_step"] == 1 and summary["final_hparams"]["learning_rate"] == \
+        pytest.approx(0.1)
+    assert np.isfinite(summary["final_val_loss"]) and summary["rejected_meta_steps"] == 2
 
 
 @pytest.mark.parametrize("outer", ["gd", "adam", "ncg"])
@@ -112,14 +131,8 @@ def test_meta_step_compiles_once(outer):
         return base(w, hparams, batch)
 
     task = problem.task.replace(train_loss=loss)
-    config = QuadConfig(outer=outer)
-    opt = outer_for(config)
-    meta_step = make_meta_step(hg.estimators.reverse(), opt)
-    phi = task.space.init()
-    state = opt.init(phi)
-    key, scale = jax.random.key(0), jnp.asarray(1.0)
-    phi, state, _ = meta_step(task, phi, state, key, scale)
-    n = len(traces)
-    phi, state, m = meta_step(task, phi, state, key, scale)
-    assert n > 0 and len(traces) == n
-    assert bool(m["accepted"])
+    counts = []
+    history = hg.tune(task, hg.estimators.reverse(), outer, key=jax.random.key(0),
+                      meta_steps=4, callback=lambda record, state: counts.append(len(traces)))
+    assert counts[0] > 0 and counts[-1] == counts[0]
+    assert history.accepted.all()

@@ -1,0 +1,136 @@
+"""Experiments: a config, how to build its problem, the registry, and scoring.
+
+An experiment is registered under the ``hypergrad.experiments`` entry points; ``hypergrad
+run NAME`` builds its :class:`Problem` from the config and tunes it with
+:func:`hypergrad.tune` (:mod:`hypergrad.run` keeps the run's files).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from hypergrad import estimators, outer
+from hypergrad.config import Config, ConfigError
+from hypergrad.estimators import Estimator
+from hypergrad.inner import batch_mean
+from hypergrad.models import accuracy
+from hypergrad.task import Task
+
+PyTree = Any
+ENTRY_POINTS = "hypergrad.experiments"
+
+
+class Problem(NamedTuple):
+    """What an experiment builds from its config: the task, and how to score a test set.
+
+    ``evaluate(params, hparams) -> {"test_loss": ..., ...}`` is jittable; classification
+    experiments add ``test_accuracy`` (:func:`classification_scores` builds it), others
+    report what fits (a regression task only its test loss).
+    """
+
+    task: Task
+    evaluate: Callable[[PyTree, Any], dict[str, jax.Array]]
+
+
+class Experiment(NamedTuple):
+    """A named, runnable experiment: its default config and how to build the problem.
+
+    Most experiments are tuned by :func:`hypergrad.tune` through :func:`hypergrad.run.run`.
+    One that measures something else (a comparison of estimators, say) gives ``main(config,
+    workdir, progress) -> summary``, which :func:`hypergrad.run.run` calls instead, after
+    writing ``config.json``; such a run cannot be resumed. Its ``plot(workdir, out) ->
+    paths`` redraws its figures from what ``main`` wrote (``hypergrad plot WORKDIR``).
+    """
+
+    name: str
+    config: Config
+    build: Callable[[Config], Problem]
+    description: str
+    main: Callable[[Config, Path, bool], dict[str, Any]] | None = None
+    plot: Callable[[Path, Path], list[Path]] | None = None
+
+
+def classification_scores(task: Task, predict: Callable[..., jax.Array], test: PyTree,
+                          batch_size: int | None = None,
+                          loss: Callable[..., jax.Array] | None = None):
+    """``evaluate(params, hparams) -> {"test_loss", "test_accuracy"}`` on the ``(x, y)``
+    pairs of ``test``: ``loss(params, hparams, batch)`` (default the task's validation
+    loss) and the accuracy of ``predict(params, hparams, x)``, means over examples taken
+    ``batch_size`` at a time (all at once when ``None``; a 10 000-image test split at once
+    needs gigabytes)."""
+    loss = task.val_loss if loss is None else loss
+
+    def evaluate(params, hparams):
+        def metrics(chunk):
+            return {"test_loss": loss(params, hparams, chunk),
+                    "test_accuracy": accuracy(predict(params, hparams, chunk[0]), chunk[1])}
+
+        return batch_mean(metrics, test, batch_size)
+
+    return evaluate
+
+
+def experiments() -> dict[str, Experiment]:
+    """Every experiment registered under the ``hypergrad.experiments`` entry points."""
+    found = {}
+    for ep in metadata.entry_points(group=ENTRY_POINTS):
+        found[ep.name] = ep.load()
+    return dict(sorted(found.items()))
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name``; a :class:`ConfigError` names the valid ones."""
+    available = experiments()
+    if name not in available:
+        close = difflib.get_close_matches(name, list(available), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"unknown experiment {name!r}{hint} (available: {', '.join(available)}; "
+            "see `hypergrad list`)"
+        )
+    return available[name]
+
+
+def estimator_for(config: Config) -> Estimator:
+    """The hypergradient estimator a config asks for (``estimator`` and its options)."""
+    name = "truncated" if config.online else config.estimator
+    return estimators.by_name(name, checkpoint=config.checkpoint_policy(), hvp=config.hvp,
+                              window=config.window, solver=config.solver,
+                              maxiter=config.maxiter, tol=config.tol, alpha=config.solver_step,
+                              sigma=config.sigma, num_pairs=config.num_pairs, cap=config.cap)
+
+
+def outer_for(config: Config) -> optax.GradientTransformationExtraArgs:
+    """The hyper-update a config asks for, with the step of ``outer_lr`` (or its default).
+    Clipping (``clip``) is :func:`hypergrad.tune`'s."""
+    return outer.by_name(config.outer, config.outer_lr)
+
+
+def build(experiment: Experiment, config: Config) -> Problem:
+    """Build the experiment's problem; a value the data or model rejects (a batch larger
+    than the training set, say) becomes a :class:`ConfigError`."""
+    try:
+        problem = experiment.build(config)
+    except ValueError as e:  # DataError included
+        raise ConfigError(str(e)) from None
+    # Every experiment's losses are means over examples (plus, for training, penalties
+    # that do not depend on the batch), which chunking them needs.
+    chunks = {name: getattr(config, name) for name in ("val_batch_size", "hvp_batch_size")
+              if getattr(config, name)}
+    if chunks:
+        problem = problem._replace(task=problem.task.replace(**chunks))
+    reads = problem.task.optimizer.reads
+    tuned = [n for n in problem.task.space.names if n in reads]
+    if config.estimator == "implicit" and not config.online and tuned:
+        raise ConfigError(
+            f"the implicit estimator cannot differentiate {', '.join(tuned)}: optimizer "
+            "hyperparameters do not appear in the stationarity condition; use --set "
+            "estimator=reverse, forward or truncated")
+    return problem
