@@ -17,8 +17,8 @@ per problem shared by every method (same initial weights, same minibatch order):
 
 Methods, each under the same wall-clock budget (``--budget`` seconds per method and
 problem): hypergradient meta-steps (reverse-mode hypergradient through the whole unroll,
-:func:`hypergrad.run.make_meta_step`) with gradient-descent, nonlinear-CG and Adam
-hyper-updates (``hypergrad.run.outer_for``: the defaults of ``hypergrad run``, norm clip
+:func:`hypergrad.tune`) with gradient-descent, nonlinear-CG and Adam
+hyper-updates (:func:`hg.tune` with ``hypergrad run``'s defaults: norm clip
 0.5 for gd and adam), starting from the initial values; random search; Optuna TPE
 (sequential); and, on ``a`` only, a coarse grid (3 values per hyperparameter, 81
 configurations). Random and grid search score ``--batch`` configurations per ``vmap``-ed
@@ -53,8 +53,9 @@ import numpy as np
 import hypergrad as hg
 from hypergrad import search
 from hypergrad.config import Config
+from hypergrad.experiment import Problem, outer_for
 from hypergrad.plots import save_figure
-from hypergrad.run import Problem, make_evaluate, make_meta_step, outer_for
+from hypergrad.unroll import objective
 
 HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam")
 
@@ -98,43 +99,36 @@ PROBLEMS = {
 # Methods
 
 
+class _Spent(Exception):
+    """The time budget of a hypergradient run is spent."""
+
+
 def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float
                   ) -> search.SearchResult:
-    """Meta-steps from the initial values until ``budget`` seconds have passed.
+    """:func:`hg.tune` with the command line's defaults from the initial values, stopped
+    once ``budget`` seconds have passed (or when it stops itself: nonlinear CG after two
+    failed line searches in a row).
 
-    Each meta-step's validation loss is that of the ``phi`` it started from; a step
-    rejected as non-finite goes back to the last finite point and halves the step, as
-    ``hypergrad run`` does; nonlinear CG stops after two failed line searches in a row
-    (``phi`` could not move again).
+    Each meta-step's validation loss is that of the ``phi`` it evaluated (``inf`` for a
+    point the guard rejected).
     """
-    task = problem.task
-    opt = outer_for(Config(outer=outer))
-    meta_step = make_meta_step(hg.estimators.reverse(), opt)
-    phi = task.space.init(jnp.float32)
-    state = opt.init(phi)
-    good = (phi, state)
-    scale, failures = 1.0, 0
     phis, losses, seconds = [], [], []
     began = time.perf_counter()
-    while True:
-        new_phi, new_state, m = meta_step(task, phi, state, key, jnp.float32(scale))
-        m = jax.device_get(m)
-        now = time.perf_counter() - began
-        loss = float(m["val_loss"])
-        phis.append(jax.device_get(phi))
-        losses.append(loss if np.isfinite(loss) else np.inf)
-        seconds.append(now)
-        if m["accepted"]:
-            good = (phi, state)
-            phi, state = new_phi, new_state
-        else:
-            if not m["finite"]:
-                phi, state = good
-            scale *= 0.5
-        if "line_search" in m:
-            failures = failures + 1 if m["line_search"]["failed"] else 0
-        if now >= budget or failures >= 2:
-            break
+
+    def callback(record, state):
+        accepted = "val_loss" in record
+        phis.append(jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(state.last_phi)))
+        losses.append(record["val_loss"] if accepted else np.inf)
+        seconds.append(time.perf_counter() - began)
+        if seconds[-1] >= budget:
+            raise _Spent
+
+    task = problem.task
+    try:
+        hg.tune(task, hg.estimators.reverse(), outer_for(Config(outer=outer)), key=key,
+                phi=task.space.init(jnp.float32), meta_steps=1_000_000, callback=callback)
+    except (_Spent, hg.TuneError):
+        pass
     stacked = jax.tree.map(lambda *a: np.stack(a), *phis)
     return search.SearchResult(f"hypergrad-{outer}", stacked, np.array(losses),
                                np.array(seconds))
@@ -174,7 +168,12 @@ def time_to_reach(result: search.SearchResult, target: float) -> float | None:
 def summarize(problem: Problem, results: dict[str, search.SearchResult], seed: int
               ) -> dict[str, Any]:
     """Per method: trace, best, test loss of the choice, time to reach TPE's best."""
-    evaluate = make_evaluate(problem)
+    @jax.jit
+    def evaluate(task, phi, key):
+        _, aux = objective(task, phi, key)
+        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
+        return problem.evaluate(aux["params"], hparams)
+
     task, key = problem.task, jax.random.key(seed)
     tpe = results["tpe"]
     target, tpe_time = tpe.best_val_loss, float(tpe.seconds[-1])

@@ -7,8 +7,8 @@ The seed CNN on digits (channels 8,16,16, batch 100, float32, reverse-mode hyper
 with ``--checkpoint`` (default ``step``: each step's weights are stored and its
 activations recomputed, so P = 64 fits in a few GiB), gd hyper-update, T = ``--steps``
 inner steps, default 50). For each population size P it
-compiles :func:`hypergrad.population.make_population_step` (the vmapped
-:func:`hypergrad.run.make_meta_step`, sharded when several devices divide P) and the
+compiles the meta-step of :func:`hypergrad.tune` vmapped over P members
+(:func:`hypergrad.population.vmapped`, sharded when several devices divide P) and the
 single meta-step, warms both up, then reports the median over repeats of
 
 - ``population_s``: one population meta-step of P members (members start as
@@ -46,49 +46,52 @@ def _median_time(fn, budget: float, repeats: int) -> float:
 
 
 def bench(sizes: list[int], steps: int, budget: float, repeats: int,
-          checkpoint: str) -> dict:
+          checkpoint: str, conv: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import PartitionSpec
 
     from hypergrad import population as pop
     from hypergrad.config import override
-    from hypergrad.run import build, estimator_for, get_experiment, make_meta_step, outer_for
+    from hypergrad.experiment import build, estimator_for, get_experiment, outer_for
+    from hypergrad.tune import initial_state, make_step, with_key
 
     experiment = get_experiment("seed-cnn")
-    config = override(experiment.config, [f"steps={steps}", f"checkpoint={checkpoint}"])
+    config = override(experiment.config, [f"steps={steps}", f"checkpoint={checkpoint}",
+                                          f"conv={conv}"])
     task = build(experiment, config).task
     est, opt = estimator_for(config), outer_for(config)
-    single = make_meta_step(est, opt)
+    one = with_key(make_step(est, opt))
+    single = pop.vmapped(one, None, 1)  # what a single run compiles
+    key = jax.random.key(config.seed)
     load_before = os.getloadavg()
     rows = []
     for size in sizes:
         devices = pop.device_count(size)
         mesh = pop.make_mesh(devices)
-        step = pop.make_population_step(est, opt, mesh)
-        phi = pop.member_phis(task.space.init(jnp.float32), size, 0.5, config.seed)
-        state = jax.vmap(opt.init)(phi)
-        keys = pop.member_keys(config.seed, size, False)
-        scale = jnp.ones(size, jnp.float32)
-        args = (pop.put(task, mesh, PartitionSpec()),
-                *(pop.put(x, mesh, PartitionSpec(pop.AXIS)) for x in (phi, state, keys, scale)))
+        step = pop.vmapped(one, mesh, size)
+        state = initial_state(task, est, opt, key=key, phi=task.space.init(jnp.float32),
+                              population=size)
+        keys = pop.member_keys(key, size)
+        args = (pop.put(task, mesh, replicate=True), pop.put(pop.host(state), mesh),
+                pop.put(keys, mesh))
         t0 = time.perf_counter()
-        compiled = step.lower(*args).compile()
+        jax.block_until_ready(step(*args))  # compile and warm up
         compile_s = time.perf_counter() - t0
-        memory = compiled.memory_analysis()
-        temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
-        jax.block_until_ready(compiled(*args))  # warm-up
+        temp_bytes = None
+        if mesh is None:
+            memory = jax.jit(step).lower(*args).compile().memory_analysis()
+            temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
 
-        def population(compiled=compiled, args=args):
-            jax.device_get(compiled(*args)[2])
+        def population(step=step, args=args):
+            jax.device_get(step(*args)[1]["val_loss"])
 
-        members = [(pop.member(phi, m), pop.member(state, m),
-                    jax.random.wrap_key_data(keys[m]), scale[m]) for m in range(size)]
-        jax.device_get(single(task, *members[0])[2])  # compile and warm up
+        members = [(jax.tree.map(lambda x, m=m: x[m:m + 1], state), keys[m:m + 1])
+                   for m in range(size)]
+        jax.device_get(single(task, *members[0])[1]["val_loss"])  # compile and warm up
 
         def sequential(members=members):
-            for p, s, k, sc in members:
-                jax.device_get(single(task, p, s, k, sc)[2])
+            for s, k in members:
+                jax.device_get(single(task, s, k)[1]["val_loss"])
 
         population_s = _median_time(population, budget, repeats)
         sequential_s = _median_time(sequential, budget, repeats)
@@ -100,12 +103,12 @@ def bench(sizes: list[int], steps: int, budget: float, repeats: int,
         rows.append(row)
         print(f"P={size:3d} devices={devices} T={steps}: population {population_s:8.3f} s  "
               f"sequential {sequential_s:8.3f} s  ratio {row['ratio']:.3f}  "
-              f"(compile {compile_s:.1f} s, temp {temp_bytes / 2**20:.0f} MiB)", flush=True)
+              f"(compile {compile_s:.1f} s, temp {(temp_bytes or 0) / 2**20:.0f} MiB)", flush=True)
     return {"jax": jax.__version__, "device": str(jax.devices()[0]),
             "device_count": len(jax.devices()), "cpu_count": os.cpu_count(),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "model": f"seed CNN 8,16,16, batch 100, float32, reverse (checkpoint="
-                     f"{checkpoint}), gd", "rows": rows}
+                     f"{checkpoint}), gd, conv={conv}", "rows": rows}
 
 
 def main() -> None:
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--steps", type=int, default=50, help="inner steps T")
     p.add_argument("--checkpoint", default="step", help="checkpoint policy (none, step, k)")
+    p.add_argument("--conv", default="auto", choices=["auto", "matmul", "native"],
+                   help="the seed CNN's convolution (auto: matmul on CPU, native elsewhere)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=5, help="most timed calls per measurement")
     p.add_argument("--quick", action="store_true", help="P = 1, 4 at T = 10")
@@ -120,7 +125,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.sizes, args.steps, args.budget, args.repeats = [1, 4], 10, 2.0, 3
-    result = bench(args.sizes, args.steps, args.budget, args.repeats, args.checkpoint)
+    result = bench(args.sizes, args.steps, args.budget, args.repeats, args.checkpoint,
+                   args.conv)
     print(f"load average before {result['loadavg_before']}, after {result['loadavg_after']} "
           f"({result['cpu_count']} CPUs, {result['device']})")
     if args.json:

@@ -36,3 +36,4 @@ cp "$work/maclaurin-schedules/schedules.png" docs/figures/maclaurin_schedules.pn
 hypergrad run hyper-cleaning --workdir "$work/hyper-cleaning"
 cp "$work/hyper-cleaning/weights.png" docs/figures/hyper_cleaning_weights.png
 cp "$work/hyper-cleaning/methods.png" docs/figures/hyper_cleaning_methods.png
+hypergrad run chaos --workdir "$work/chaos" && cp "$work/chaos/chaos.png" docs/figures/chaos.png
