@@ -1,6 +1,6 @@
-"""chaos: reverse, truncated and ES hypergradients where the meta-objective is chaotic.
+"""chaos: reverse, truncated, ES and PES hypergradients where the meta-objective is chaotic.
 
-Run:  hypergrad run chaos        (about 5 minutes on 2 shared CPU cores)
+Run:  hypergrad run chaos        (about 7 minutes on 2 shared CPU cores)
 
 The seed CNN (channels 4, 4, 4) on 500 digits, minibatches of 50, trained by SGD with
 momentum 0.9 (no weight decay, leaky slope 0.1) for ``steps`` = 300 steps. Near
@@ -10,17 +10,20 @@ grow by orders of magnitude, then turn NaN where training diverges (Metz et al. 
 
 1. The slice: for ``points`` learning rates spaced evenly in log on ``[slice_low,
    slice_high]`` (the other hyperparameters fixed), the validation loss and its
-   derivative in log learning rate by ``reverse()``, ``truncated(window)`` and
-   ``es(sigma, num_pairs, cap=cap)`` (with the standard error of the ES estimate and how
-   many of its ``2 num_pairs`` perturbed runs diverged or passed ``cap``). Every run trains
-   with the same key.
-2. Tuning: :func:`hypergrad.tune` with each of the three estimators from the same start
-   (learning rate ``learning_rate``, momentum, leaky slope all tuned), the same outer
-   optimizer (``outer``, ``outer_lr``, ``clip``) and ``meta_steps``; the validation loss per
-   meta-step, which meta-steps the guard rejected, and the test loss and accuracy of the
-   final and the best point.
+   derivative in log learning rate by ``reverse()``, ``truncated(window)``,
+   ``es(sigma, num_pairs, cap=cap)`` and ``pes(sigma, num_pairs, window, cap=cap)`` (with
+   the standard error of the ES and PES estimates and how many of their ``2 num_pairs``
+   perturbed runs diverged or passed ``cap``). Every run trains with the same key.
+2. Tuning: :func:`hypergrad.tune` from the same start (learning rate ``learning_rate``,
+   momentum, leaky slope all tuned) with the same outer optimizer (``outer``,
+   ``outer_lr``, ``clip``): ``meta_steps`` hyper-updates with each of reverse, truncated
+   and ES (one or ``2 num_pairs + 1`` training runs per hyper-update), and one training
+   run tuned online by PES (``steps // window`` hyper-updates, one per window, its
+   ``2 num_pairs`` particles keeping their weights); the validation loss per meta-step,
+   which meta-steps the guard rejected, and the test loss and accuracy of training from
+   scratch at the final and the best point.
 
-Writes ``results.json`` and ``chaos.png`` (the slice with the three derivatives; the
+Writes ``results.json`` and ``chaos.png`` (the slice with the four derivatives; the
 tuning curves). The numbers measured with the defaults are in README's gallery.
 """
 
@@ -44,7 +47,8 @@ from hypergrad.plots import save_figure
 from hypergrad.task import seed_cnn
 from hypergrad.unroll import objective
 
-ESTIMATORS = ("reverse", "truncated", "es")
+ESTIMATORS = ("reverse", "truncated", "es", "pes")
+SMOOTHED = ("es", "pes")  # estimators with a standard error and perturbed runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +56,9 @@ class ChaosConfig(Config):
     """``learning_rate``, ``momentum``, ``weight_decay`` and ``leaky_slope`` are the SGD
     run's (the slice varies the learning rate; tuning starts from all of them and tunes
     all but the weight decay); ``points`` learning rates log-spaced on ``[slice_low,
-    slice_high]`` make the slice; ``window`` is truncated's window, ``sigma``,
-    ``num_pairs`` and ``cap`` are es's (``cap`` 1.0: the MSE of predicting zeros, standing
-    in for a diverged run); ``channels`` the CNN's widths."""
+    slice_high]`` make the slice; ``window`` is truncated's and pes's window, ``sigma``,
+    ``num_pairs`` and ``cap`` are es's and pes's (``cap`` 1.0: the MSE of predicting zeros,
+    standing in for a diverged run); ``channels`` the CNN's widths."""
 
     steps: int = 300
     meta_steps: int = 30
@@ -121,10 +125,12 @@ def build(config: ChaosConfig) -> Problem:
 
 
 def estimators(config: ChaosConfig) -> dict[str, hg.estimators.Estimator]:
-    """The three estimators compared, by name."""
+    """The four estimators compared, by name."""
     return {"reverse": hg.estimators.reverse(),
             "truncated": hg.estimators.truncated(config.window),
-            "es": hg.estimators.es(config.sigma, config.num_pairs, cap=config.cap)}
+            "es": hg.estimators.es(config.sigma, config.num_pairs, cap=config.cap),
+            "pes": hg.estimators.pes(config.sigma, config.num_pairs, config.window,
+                                     cap=config.cap)}
 
 
 def _finite(x: float) -> float | None:
@@ -142,8 +148,9 @@ def slice_(config: ChaosConfig, problem: Problem, progress: bool = False) -> dic
     phi0 = task.space.init(jnp.dtype(config.dtype))
     lrs = np.geomspace(config.slice_low, config.slice_high, config.points)
     out: dict[str, Any] = {"learning_rate": lrs.tolist(), "val_loss": [],
-                           **{name: [] for name in ESTIMATORS}, "es_stderr": [],
-                           "es_capped": [], "seconds": {name: 0.0 for name in ESTIMATORS}}
+                           **{name: [] for name in ESTIMATORS},
+                           **{f"{n}_{k}": [] for n in SMOOTHED for k in ("stderr", "capped")},
+                           "seconds": {name: 0.0 for name in ESTIMATORS}}
     for lr in lrs:
         phi = {**phi0, "learning_rate": jnp.log(jnp.asarray(lr, phi0["learning_rate"].dtype))}
         for name, est in jitted.items():
@@ -153,14 +160,14 @@ def slice_(config: ChaosConfig, problem: Problem, progress: bool = False) -> dic
             if name == "reverse":
                 out["val_loss"].append(_finite(float(value)))
             out[name].append(_finite(float(grad["learning_rate"])))
-            if name == "es":
-                out["es_stderr"].append(_finite(float(aux["stderr"]["learning_rate"])))
-                out["es_capped"].append(int(aux["capped"]))
+            if name in SMOOTHED:
+                out[f"{name}_stderr"].append(_finite(float(aux["stderr"]["learning_rate"])))
+                out[f"{name}_capped"].append(int(aux["capped"]))
         if progress:
             print(f"slice lr {lr:.4g}: val_loss {out['val_loss'][-1]}, "
                   + ", ".join(f"{n} {out[n][-1]}" for n in ESTIMATORS)
-                  + f" (es stderr {out['es_stderr'][-1]}, capped {out['es_capped'][-1]})",
-                  flush=True)
+                  + "".join(f" ({n} stderr {out[n + '_stderr'][-1]}, capped "
+                            f"{out[n + '_capped'][-1]})" for n in SMOOTHED), flush=True)
     return out
 
 
@@ -177,28 +184,49 @@ def _scores(problem: Problem):
 
 def tune_each(config: ChaosConfig, problem: Problem, progress: bool,
               scores=None) -> dict[str, Any]:
-    """:func:`hypergrad.tune` with each estimator from the same start, outer optimizer and
-    meta-step budget; the curves and the final and best points' scores (by ``scores``,
-    default :func:`_scores`)."""
+    """:func:`hypergrad.tune` with each estimator from the same start and outer optimizer
+    (``meta_steps`` hyper-updates; pes: one run tuned online); the curves and the final
+    and best points' scores, trained from scratch (by ``scores``, default
+    :func:`_scores`)."""
     task = problem.task
     key = jax.random.key(config.seed)
     scores = scores or _scores(problem)
     out = {}
     for name, est in estimators(config).items():
-        history = hg.tune(task, est, outer_for(config), key=key,
-                          meta_steps=config.meta_steps, clip=config.clip, progress=progress)
+        online = name == "pes"
+        history = hg.tune(task, est, outer_for(config), key=key, online=online,
+                          meta_steps=None if online else config.meta_steps, clip=config.clip,
+                          progress=progress)
+        val_loss = [_finite(float(v)) for v in history.val_loss]
+        best_phi, best_step = history.best.phi, history.best.meta_step
+        extra: dict[str, Any] = {}
+        if online:
+            # The window's loss is of weights still training: the curve and the best point
+            # are by a full run from scratch at each meta-step's hyperparameters instead,
+            # as the other estimators' are.
+            extra["window_val_loss"] = val_loss
+            phis = [task.space.unconstrain({n: np.asarray(v)[k]
+                                            for n, v in history.hparams.items()})
+                    for k in range(len(val_loss))]
+            val_loss = [_finite(float(scores(task, phi, key)["val_loss"])) for phi in phis]
+            ranked = [(v, k) for k, v in enumerate(val_loss)
+                      if v is not None and history.accepted[k]]
+            if ranked:
+                best_step = min(ranked)[1]
+                best_phi = phis[best_step]
         final = jax.device_get(scores(task, history.final.phi, key))
-        best = jax.device_get(scores(task, history.best.phi, key))
+        best = jax.device_get(scores(task, best_phi, key))
         out[name] = {
-            "val_loss": [_finite(float(v)) for v in history.val_loss],
+            "val_loss": val_loss, **extra,
             "accepted": np.asarray(history.accepted).tolist(),
             "learning_rate": [float(v) for v in np.asarray(history.hparams["learning_rate"])],
             "seconds": float(np.sum(history.seconds)),
             "stopped": history.stopped,
+            "online": online,
             "final_meta_step": history.final.meta_step,
-            "best_meta_step": history.best.meta_step,
+            "best_meta_step": best_step,
             "final_hparams": {k: float(v) for k, v in history.final.hparams.items()},
-            "best_hparams": {k: float(v) for k, v in history.best.hparams.items()},
+            "best_hparams": {k: float(v) for k, v in task.space.constrain(best_phi).items()},
             **{f"final_{k}": float(v) for k, v in final.items()},
             **{f"best_{k}": float(v) for k, v in best.items()},
         }
@@ -235,8 +263,8 @@ def main(config: ChaosConfig, workdir: Path, progress: bool) -> dict[str, Any]:
     }
 
 
-STYLES = {"reverse": "C3", "truncated": "C0", "es": "C2"}
-NAN_MARKERS = {"reverse": "x", "truncated": "+", "es": "1"}
+STYLES = {"reverse": "C3", "truncated": "C0", "es": "C2", "pes": "C1"}
+NAN_MARKERS = {"reverse": "x", "truncated": "+", "es": "1", "pes": "2"}
 
 
 def _array(values) -> np.ndarray:
@@ -246,7 +274,7 @@ def _array(values) -> np.ndarray:
 def _draw_slice(sliced: dict[str, Any], loss_ax, deriv_ax) -> None:
     """The validation loss along the learning rate on ``loss_ax``; each estimator's
     derivative in log learning rate on ``deriv_ax`` (symlog; a NaN is a cross at 0; the
-    band is ES's two standard errors)."""
+    bands are ES's and PES's two standard errors)."""
     lr = np.asarray(sliced["learning_rate"])
     loss_ax.plot(lr, _array(sliced["val_loss"]), "k.-")
     loss_ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss",
@@ -259,8 +287,9 @@ def _draw_slice(sliced: dict[str, Any], loss_ax, deriv_ax) -> None:
         if missing.any():
             deriv_ax.plot(lr[missing], np.zeros(missing.sum()), NAN_MARKERS[name],
                           color=STYLES[name], ms=10, mew=1.5)
-    es, se = _array(sliced["es"]), _array(sliced["es_stderr"])
-    deriv_ax.fill_between(lr, es - 2 * se, es + 2 * se, color=STYLES["es"], alpha=0.2)
+    for name in SMOOTHED:
+        d, se = _array(sliced[name]), _array(sliced[f"{name}_stderr"])
+        deriv_ax.fill_between(lr, d - 2 * se, d + 2 * se, color=STYLES[name], alpha=0.2)
     deriv_ax.set_yscale("symlog", linthresh=1.0)
     deriv_ax.set(xscale="log", xlabel="learning rate", ylabel="d val_loss / d log lr",
                  title="derivatives (crosses at 0: NaN)")
@@ -281,7 +310,7 @@ def plot_slice(sliced: dict[str, Any], path: Path) -> None:
 
 
 def plot(results_path: Path, path: Path) -> None:
-    """The slice (left: the validation loss; middle: the three derivatives) and the
+    """The slice (left: the validation loss; middle: the four derivatives) and the
     validation loss per meta-step of each tuning run (right; a cross marks a meta-step the
     guard rejected, on the start's level where its loss was NaN), from ``results.json``."""
     import matplotlib
@@ -300,7 +329,8 @@ def plot(results_path: Path, path: Path) -> None:
         steps = np.arange(len(v))
         ok = np.asarray(r["accepted"], bool)
         ax.plot(steps, v, "-", color=STYLES[name],
-                label=f"{name} (best {r['best_val_loss']:.3f})")
+                label=f"{name}{', online' if r.get('online') else ''} "
+                      f"(best {r['best_val_loss']:.3f})")
         ax.plot(steps[~ok], np.where(np.isfinite(v), v, start)[~ok], NAN_MARKERS[name],
                 color=STYLES[name], ms=10, mew=1.5)
     ax.axhline(start, color="gray", ls=":", lw=0.8)

@@ -92,8 +92,10 @@ class Config:
         estimate NaN.
       online: tune while training: one training run of ``steps`` inner steps whose
         hyperparameters are updated every ``window`` steps by the hypergradient through
-        the next ``window`` steps, continuing from the current weights (``meta_steps`` and
-        ``estimator`` are not used).
+        the next ``window`` steps, continuing from the current weights (``meta_steps`` is
+        not used). The hypergradient through a window is truncated backpropagation,
+        except with ``estimator=pes``: Persistent ES over ``2 * num_pairs`` perturbed
+        runs that keep their weights (``sigma``, ``num_pairs``, ``cap``).
       resample: train meta-step t with ``fold_in(key(seed), t)``: fresh minibatches and
         noise each meta-step (for dropout and augmentation strengths: their expected
         effect, not one draw's); see :func:`hypergrad.tune`.

@@ -100,7 +100,9 @@ def get_experiment(name: str) -> Experiment:
 
 def estimator_for(config: Config) -> Estimator:
     """The hypergradient estimator a config asks for (``estimator`` and its options)."""
-    name = "truncated" if config.online else config.estimator
+    name = config.estimator
+    if config.online and name != "pes":  # online tuning is truncated or pes
+        name = "truncated"
     return estimators.by_name(name, checkpoint=config.checkpoint_policy(), hvp=config.hvp,
                               window=config.window, solver=config.solver,
                               maxiter=config.maxiter, tol=config.tol, alpha=config.solver_step,

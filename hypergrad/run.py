@@ -31,7 +31,16 @@ from hypergrad.experiment import (
     get_experiment,
     outer_for,
 )
-from hypergrad.tune import Guard, TuneState, TuneWarning, initial_state, json_safe, tune, with_key
+from hypergrad.tune import (
+    Guard,
+    TuneState,
+    TuneWarning,
+    initial_state,
+    json_safe,
+    online_weights,
+    tune,
+    with_key,
+)
 from hypergrad.unroll import objective
 
 RESUMABLE_KEYS = ("meta_steps",)  # the only keys a resumed run may change
@@ -92,8 +101,12 @@ def _scorer(problem: Problem, online: bool, mesh, size: int):
         return scores(task, aux["params"], task.space.constrain(phi), aux.get("model_state"))
 
     def weights(task, phi, carry, key):
+        # Online PES trains 2N particles: their scores' mean (one run for truncated).
         del key
-        return scores(task, carry.params, task.space.constrain(phi), carry.model_state)
+        hparams = task.space.constrain(phi)
+        each = jax.vmap(lambda w: scores(task, w.params, hparams, w.model_state))(
+            online_weights(carry))
+        return jax.tree.map(lambda a: jnp.mean(a, axis=0), each)
 
     return population_lib.vmapped(with_key(weights if online else trained), mesh, size)
 

@@ -49,6 +49,7 @@ import optax
 from hypergrad import outer as outer_lib
 from hypergrad import population as population_lib
 from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.pes import NOISE_STREAM, PESState, pes_steps
 from hypergrad.task import Task
 from hypergrad.unroll import objective, segment, start
 
@@ -167,10 +168,37 @@ def _line_search(state: PyTree) -> dict[str, Any]:
 
 
 def _online_options(estimator: Estimator) -> tuple[int, str]:
-    if estimator.name != "truncated":
-        raise ValueError("online tuning trains through windows of the run: pass "
-                         f"hg.estimators.truncated(window), not {estimator.name}")
-    return int(estimator.options["window"]), estimator.options.get("hvp", "reverse")
+    if estimator.name == "truncated":
+        return int(estimator.options["window"]), estimator.options.get("hvp", "reverse")
+    if estimator.name == "pes":
+        return int(estimator.options["window"]), "reverse"
+    raise ValueError("online tuning trains through windows of the run: pass "
+                     "hg.estimators.truncated(window) or hg.estimators.pes(sigma, num_pairs, "
+                     f"window), not {estimator.name}")
+
+
+def _pes_core(estimator: Estimator):
+    """PES's init and step with ``estimator``'s options, for online tuning."""
+    o = estimator.options
+    return pes_steps(o["sigma"], o["num_pairs"], o["window"], o.get("cap"))
+
+
+def _stored(carry: PESState) -> PESState:
+    """The PES carry with its training key as raw key data (the tuning state holds
+    arrays that go to and from the host and checkpoints)."""
+    return carry._replace(key=jax.random.key_data(carry.key))
+
+
+def _live(carry: PESState) -> PESState:
+    return carry._replace(key=jax.random.wrap_key_data(carry.key))
+
+
+def online_weights(carry: Any) -> Any:
+    """The inner states an online run has trained so far, stacked on a leading axis:
+    one for ``truncated`` (the run's), ``2N`` for ``pes`` (its particles)."""
+    if isinstance(carry, PESState):
+        return carry.inner
+    return jax.tree.map(lambda a: a[None], carry)
 
 
 def init_state(task: Task, estimator: Estimator, outer: optax.GradientTransformation,
@@ -178,7 +206,9 @@ def init_state(task: Task, estimator: Estimator, outer: optax.GradientTransforma
     """The state of one member before its first meta-step, starting at ``phi``."""
     dtype = jnp.result_type(*jax.tree.leaves(phi))
     carry: PyTree = ()
-    if online:
+    if online and estimator.name == "pes":
+        carry = _stored(_pes_core(estimator).init(task, phi, key))
+    elif online:
         _online_options(estimator)
         carry = start(task, task.space.constrain(phi), key)[0]
     opt_state = outer.init(phi)
@@ -209,11 +239,20 @@ def make_step(estimator: Estimator, outer: optax.GradientTransformationExtraArgs
     order and fresh noise each meta-step) instead of ``key``.
     """
     window, hvp = _online_options(estimator) if online else (0, "reverse")
+    pes = online and estimator.name == "pes"
+    core = _pes_core(estimator) if pes else None
 
     def evaluate(task, s, key):
         if not online:
             value, grad, aux = estimator(task, s.phi, key)
             return value, grad, aux["train_loss"], s.carry, lambda p: objective(task, p, key)[0]
+        if pes:
+            # A fresh antithetic perturbation every meta-step; the particles keep theirs.
+            noise = jax.random.fold_in(jax.random.fold_in(key, NOISE_STREAM), s.meta_step)
+            live = _live(s.carry)
+            carry, value, grad, aux = core.step(live, task, s.phi, noise, window)
+            return (value, grad, aux["train_loss"], _stored(carry),
+                    lambda p: core.step(live, task, p, noise, window)[1])
         _, data_key = jax.random.split(key)
 
         def f(p):
@@ -310,8 +349,10 @@ def make_final(estimator: Estimator, *, online: bool = False, resample: bool = F
         if resample:
             key = jax.random.fold_in(key, s.meta_step)
         if online:
-            return task.validation_loss(s.carry.params, task.space.constrain(s.phi),
-                                        s.carry.model_state)
+            hparams = task.space.constrain(s.phi)
+            values = jax.vmap(lambda w: task.validation_loss(w.params, hparams, w.model_state))(
+                online_weights(s.carry))
+            return jnp.mean(values)
         return objective(task, s.phi, key)[0]
 
     return final
@@ -618,8 +659,12 @@ def tune(task: Task, estimator: Estimator,
         that is at most the device count).
       online: tune while training (Franceschi et al. 2017's real-time HO, Shaban et al.
         2019): one training run of ``task.steps`` steps whose hyperparameters are updated
-        after every window of ``estimator`` (which must be ``truncated(window)``) by the
-        hypergradient through that window; the weights persist across windows.
+        after every window of ``estimator`` by the hypergradient through that window; the
+        weights persist across windows. ``estimator`` is ``truncated(window)`` (exact
+        through the window, biased by the truncation) or ``pes(sigma, num_pairs, window)``
+        (``2 * num_pairs`` perturbed runs that keep their weights: unbiased for the
+        smoothed objective, noisy; ``val_loss`` is their mean and ``state.carry`` a
+        :class:`hypergrad.estimators.PESState` whose key is raw key data).
       resample: train meta-step ``t`` with ``fold_in(key, t)``: each meta-step sees a fresh
         minibatch order and fresh noise (dropout, augmentation), so a noisy task is tuned
         for its expected validation loss rather than for one draw; off, every meta-step

@@ -1,5 +1,5 @@
 """The slice of the ``chaos`` experiment alone: the validation loss along the log learning
-rate where reverse hypergradients explode, and what reverse, truncated and ES
+rate where reverse hypergradients explode, and what reverse, truncated, ES and PES
 hypergradients say along it (the logic lives in ``experiments/chaos.py``).
 
 Run:  python scripts/chaos_slice.py [--set points=25 --set num_pairs=16 ...] [--out DIR]
@@ -29,12 +29,13 @@ def main() -> None:
     from experiments import chaos
 
     sliced = chaos.slice_(config, chaos.build(config))
-    print(f"{'lr':>8} " + " ".join(f"{h:>11}" for h in ("val_loss", "reverse", "truncated",
-                                                       "es", "es stderr")) + " capped")
+    columns = ("val_loss", "reverse", "truncated", "es", "es_stderr", "pes", "pes_stderr")
+    print(f"{'lr':>8} " + " ".join(f"{h.replace('_', ' '):>11}" for h in columns)
+          + " es capped pes capped")
     for i, lr in enumerate(sliced["learning_rate"]):
-        row = [sliced[k][i] for k in ("val_loss", "reverse", "truncated", "es", "es_stderr")]
         print(f"{lr:8.4f} " + " ".join(f"{'nan' if v is None else f'{v:.4g}':>11}"
-                                        for v in row) + f" {sliced['es_capped'][i]:6d}")
+                                        for v in (sliced[k][i] for k in columns))
+              + f" {sliced['es_capped'][i]:9d} {sliced['pes_capped'][i]:10d}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"config": config.to_dict(),

@@ -23,23 +23,29 @@ def test_chaos_tiny(tmp_path, capsys):
     assert len(sliced["learning_rate"]) == 3
     assert math.isclose(sliced["learning_rate"][0], 0.05)
     assert math.isclose(sliced["learning_rate"][-1], 50)
-    for name in ("val_loss", "reverse", "truncated", "es", "es_stderr", "es_capped"):
+    for name in ("val_loss", "reverse", "truncated", "es", "es_stderr", "es_capped", "pes",
+                 "pes_stderr", "pes_capped"):
         assert len(sliced[name]) == 3
     # At 0.05 ten steps of a tiny CNN train stably: every value and derivative is finite.
-    for name in ("val_loss", "reverse", "truncated", "es", "es_stderr"):
+    for name in ("val_loss", "reverse", "truncated", "es", "es_stderr", "pes", "pes_stderr"):
         assert sliced[name][0] is not None and math.isfinite(sliced[name][0]), name
     assert sliced["es_stderr"][0] > 0 and sliced["es_capped"][0] == 0
+    assert sliced["pes_stderr"][0] > 0 and sliced["pes_capped"][0] == 0
     # At 50 training diverges: the run and both backpropagated derivatives are NaN (null in
-    # JSON), while es counts every perturbed run as the cap and says 0, finite.
+    # JSON), while es and pes count every perturbed run as the cap and say 0, finite.
     assert sliced["val_loss"][-1] is None
     assert sliced["reverse"][-1] is None and sliced["truncated"][-1] is None
     assert sliced["es"][-1] == 0.0 and sliced["es_capped"][-1] == 4
+    assert sliced["pes"][-1] == 0.0 and sliced["pes_capped"][-1] == 4
     start = results["start"]
     assert math.isfinite(start["val_loss"]) and 0 <= start["test_accuracy"] <= 1
-    for name in ("reverse", "truncated", "es"):
+    for name in ("reverse", "truncated", "es", "pes"):
         r = results["tune"][name]
-        assert len(r["val_loss"]) == 2 and len(r["accepted"]) == 2
-        # Meta-step 0 evaluates the shared start.
+        # pes tunes one run online, a meta-step per window of 3 of the 10 steps.
+        steps = 3 if name == "pes" else 2
+        assert len(r["val_loss"]) == steps and len(r["accepted"]) == steps
+        assert r["online"] == (name == "pes")
+        # Meta-step 0 evaluates the shared start (pes: a full run at its hyperparameters).
         assert math.isclose(r["val_loss"][0], start["val_loss"], rel_tol=1e-5)
         for key in ("final_val_loss", "best_val_loss", "final_test_loss", "best_test_loss"):
             assert math.isfinite(r[key]), (name, key)
@@ -49,7 +55,9 @@ def test_chaos_tiny(tmp_path, capsys):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["experiment"] == "chaos"
     assert summary["reverse_slice_nan"] == summary["truncated_slice_nan"] == 2
-    assert summary["es_slice_nan"] == 0
+    assert summary["es_slice_nan"] == summary["pes_slice_nan"] == 0
+    pes = results["tune"]["pes"]
+    assert len(pes["window_val_loss"]) == 3 and pes["window_val_loss"] != pes["val_loss"]
     # `hypergrad plot` redraws the figure from results.json alone.
     out = tmp_path / "redrawn"
     assert main(["plot", str(workdir), "--out", str(out)]) == 0

@@ -4,6 +4,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import hypergrad as hg
@@ -113,3 +114,38 @@ def test_pes_with_small_sigma_follows_reverse_on_minibatch_sgd():
     _, grad, aux = jax.jit(hg.estimators.pes(1e-3, 100, window=4))(task, phi, key)
     for name in phi:
         assert abs(grad[name] - exact[name]) < 4.5 * aux["stderr"][name], name
+
+
+def test_tune_online_carries_the_pes_particles():
+    # hg.tune(online=True) with pes is the loop of the test above with gradient descent
+    # between windows: the same particles, perturbations and updates, to rounding.
+    task = shift_task()
+    phi, key = phi0(task), jax.random.key(5)
+    sigma, pairs, window, lr = 0.3, 8, 4, 0.5
+    records, states = [], []
+    history = hg.tune(task, hg.estimators.pes(sigma, pairs, window), optax.sgd(lr),
+                      online=True, key=key, clip=0.0,
+                      callback=lambda r, s: (records.append(r), states.append(s)))
+    assert [r["inner_step"] for r in records] == [4, 8, 12]
+    assert history.accepted.all()
+
+    core = hg.estimators.pes_steps(sigma, pairs, window)
+    state = core.init(task, phi, key)
+    noise = jax.random.fold_in(key, NOISE_STREAM)
+    for k in range(len(records)):
+        state, value, grad, _ = core.step(state, task, phi, jax.random.fold_in(noise, k))
+        np.testing.assert_allclose(history.val_loss[k], float(value), rtol=1e-12)
+        np.testing.assert_allclose(history.hypergrad["shift"][k], grad["shift"], rtol=1e-12)
+        np.testing.assert_allclose(states[k].carry.xi[0], state.xi, rtol=1e-12)
+        phi = jax.tree.map(lambda p, g: p - lr * g, phi, grad)
+    np.testing.assert_allclose(history.final.hparams["shift"], phi["shift"], rtol=1e-12)
+    # The final point: the particles' mean validation loss at the tuned hyperparameters.
+    particles = jax.vmap(lambda w: task.validation_loss(w, task.space.constrain(phi)))(
+        state.inner.params)
+    np.testing.assert_allclose(history.final.val_loss, float(particles.mean()), rtol=1e-12)
+
+
+def test_tune_online_takes_truncated_or_pes_only():
+    task = shift_task()
+    with pytest.raises(ValueError, match="truncated.*pes"):
+        hg.tune(task, hg.estimators.es(0.3, 2), "gd", online=True, key=jax.random.key(0))

@@ -136,8 +136,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, mo
     assert summary(work) == summary(tmp_path / "ref")
 
 
-def test_online_run_resumes_after_a_kill_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = QuadConfig(online=True, steps=12, window=2, save_every=2, outer_lr=0.5)
+@pytest.mark.parametrize("estimator", ["truncated", "pes"])
+def test_online_run_resumes_after_a_kill_like_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                   estimator):
+    # pes: the checkpoint holds the particles, their accumulated perturbations and key.
+    config = QuadConfig(online=True, steps=12, window=2, save_every=2, outer_lr=0.5,
+                        estimator=estimator, num_pairs=2, sigma=0.1)
     run(QUAD, config, tmp_path / "ref", progress=False)
     real_replace = os.replace
     calls = []
