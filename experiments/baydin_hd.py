@@ -341,3 +341,11 @@ EXPERIMENT = Experiment(
     "baydin-hd", BaydinConfig(), build,
     "iterations to a training loss over a grid of alpha_0 and beta, SGD / SGDN / Adam with "
     "and without hypergradient descent (Baydin et al. 2018)", main, redraw)
+
+MNIST = Experiment(
+    "baydin-mnist",
+    dataclasses.replace(BaydinConfig(), data="mnist", steps=2000, data_train_size=5000,
+                        data_val_size=1000, data_test_size=1000),
+    build,
+    "Baydin et al. 2018's alpha_0 x beta grid on real MNIST: logistic regression and an MLP, "
+    "SGD / SGDN / Adam with and without hypergradient descent", main, redraw)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 import warnings
@@ -43,7 +44,9 @@ from hypergrad.task import classification
 @dataclasses.dataclass(frozen=True)
 class GrazziConfig(Config):
     """``steps`` trains the weights the implicit methods start from; ``iterations`` are the
-    t at which every method is measured; ``l2`` is each feature's initial penalty."""
+    t at which every method is measured; ``l2`` is each feature's initial penalty;
+    ``features`` is the data's input size (64 for the 8x8 digits, 784 for MNIST): one
+    penalty each."""
 
     steps: int = 3000
     batch_size: int = 0
@@ -53,9 +56,10 @@ class GrazziConfig(Config):
     l2: float = 0.05
     iterations: str = "1,2,5,10,20,50,100"
     repeats: int = 3
+    features: int = 64
 
     def space(self) -> hg.HyperSpace:
-        return hg.HyperSpace({"l2": hg.positive(np.full(64, self.l2))})
+        return hg.HyperSpace({"l2": hg.positive(np.full(self.features, self.l2))})
 
     def validate(self) -> GrazziConfig:
         super().validate()
@@ -82,7 +86,11 @@ def build(config: GrazziConfig) -> Problem:
     """Logistic regression with a penalty ``sum_j l2_j |W_j|^2`` per input feature j."""
     dtype = jnp.dtype(config.dtype)
     data = config.load_data()
-    model = hg.models.LogisticRegression(nnx.Rngs(config.seed), 64, data.num_classes,
+    if config.features != math.prod(data.input_shape):
+        raise ConfigError(f"features must be {math.prod(data.input_shape)} (one penalty per "
+                          f"input of {config.data}), got {config.features}")
+    model = hg.models.LogisticRegression(nnx.Rngs(config.seed), config.features,
+                                         data.num_classes,
                                          param_dtype=dtype)
     # The penalty is added below: the plain task tunes nothing yet.
     task, predict = classification(model, data, hg.HyperSpace({}), steps=config.steps,
@@ -184,3 +192,12 @@ EXPERIMENT = Experiment(
     "grazzi-hierarchy", GrazziConfig(), build,
     "hypergradient error and time against iterations: reverse, CG, fixed point, Neumann "
     "(Grazzi et al. 2020)", main, redraw)
+
+MNIST = Experiment(
+    "grazzi-mnist",
+    dataclasses.replace(GrazziConfig(), data="mnist", features=784, steps=1000, repeats=1,
+                        data_train_size=2000,
+                        data_val_size=1000, data_test_size=1000),
+    build,
+    "the hierarchy of hypergradient approximations on real MNIST: one L2 penalty per pixel "
+    "(784 hyperparameters) of logistic regression", main, redraw)

@@ -58,6 +58,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import hypergrad as hg
+from hypergrad.check import peak_bytes
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
 from hypergrad.experiment import Experiment, Problem, outer_for
@@ -179,15 +180,6 @@ def estimator(config: CleaningConfig, name: str, window: int | None) -> hg.estim
     if name == "implicit":
         return hg.estimators.implicit("cg", maxiter=config.maxiter, tol=config.tol)
     return hg.estimators.reverse()
-
-
-def peak_bytes(fn, *args) -> int | None:
-    """XLA's argument + output + temporary bytes of ``jax.jit(fn)`` on ``args``."""
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if stats is None:
-        return None
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes)
 
 
 def f1_corrupted(weights: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
@@ -329,3 +321,12 @@ EXPERIMENT = Experiment(
     "hyper-cleaning", CleaningConfig(), build,
     "one weight per training example against corrupted labels: reverse, truncated and "
     "implicit hypergradients (Franceschi et al. 2017, Shaban et al. 2019)", main, redraw)
+
+MNIST = Experiment(
+    "hyper-cleaning-mnist",
+    dataclasses.replace(CleaningConfig(), data="mnist", steps=100, meta_steps=50,
+                        data_train_size=5000,
+                        data_val_size=2000, data_test_size=3000),
+    build,
+    "hyper-cleaning on real MNIST: 5000 training digits, half their labels corrupted, one "
+    "weight each, against a clean validation set (Franceschi et al. 2017)", main, redraw)

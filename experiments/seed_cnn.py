@@ -13,18 +13,43 @@ on one-hot targets, SGD with learning rate 0.01, momentum 0.5 and weight decay 0
 leaky-ReLU slope 0.01 to start; all four are tuned by reverse-mode hypergradients
 through T inner steps, with gradient-descent (``gd``), nonlinear-CG (``ncg``) or Adam
 (``adam``) hyper-updates.
+
+seed-mnist: the same setup on real MNIST, tuned by GD, nonlinear CG and Adam.
+
+Run:  hypergrad run seed-mnist --set data=idx:../shared/data/mnist-10k
+      (MNIST-format files, no network; ``data=mnist`` reads tfds's MNIST)
+
+The seed CNN (three 3x3 convolutions 8, 16, 16 with leaky ReLU and a dense head, MSE on
+one-hot targets) on 28x28 MNIST: SGD from learning rate 0.01, momentum 0.5, weight decay
+0.001 and leaky slope 0.01, T = 100 steps of minibatches of 100 from 5000 training
+images, validated on 1000 and tested on 2000 others. The four hyperparameters are tuned
+three times from that same start, by ``meta_steps`` hyper-updates each of gradient descent
+(``gd``), nonlinear conjugate gradient with a line search (``ncg``) and Adam (``adam``) on
+reverse-mode hypergradients (checkpointed every 10 steps: one meta-step is about 45 s on
+2 CPU cores). Every method scores its incumbent (the best validation loss it evaluated) and
+its last point by training again and testing on the held-out images.
+
+Writes ``results.json`` and ``methods.png`` (validation loss per meta-step and the
+learning rate's trajectory per method); the numbers measured are in README.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem
+from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
+from hypergrad.plots import save_figure
 from hypergrad.task import seed_cnn
+from hypergrad.unroll import objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +129,146 @@ def build(config: SeedCnnConfig) -> Problem:
 EXPERIMENT = Experiment("seed-cnn", SeedCnnConfig(), build,
                         "the seed CNN on digits; learning rate, momentum, weight decay and "
                         "leaky slope tuned by hypergradient (default)")
+
+
+OUTERS = ("gd", "ncg", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedMnistConfig(SeedCnnConfig):
+    """The seed CNN's keys at MNIST sizes; ``outers`` are the hyper-updates compared,
+    comma-separated, each run from the same start for ``meta_steps``."""
+
+    data: str = "mnist"
+    data_train_size: int = dataclasses.field(default=5000, metadata={"key": "data.train_size"})
+    data_val_size: int = dataclasses.field(default=1000, metadata={"key": "data.val_size"})
+    data_test_size: int = dataclasses.field(default=2000, metadata={"key": "data.test_size"})
+    meta_steps: int = 8
+    checkpoint: str = "10"
+    val_batch_size: int = 500
+    outers: str = "gd,ncg,adam"
+
+    def outer_list(self) -> list[str]:
+        """The hyper-updates of ``outers``, in order."""
+        names = [n.strip() for n in self.outers.split(",") if n.strip()]
+        bad = [n for n in names if n not in OUTERS]
+        if not names or bad:
+            raise ConfigError(f"outers must be a comma-separated list of {', '.join(OUTERS)}; "
+                              f"got {self.outers!r}")
+        return names
+
+    def validate(self) -> SeedMnistConfig:
+        super().validate()
+        self.outer_list()
+        if self.population != 1 or self.online:
+            raise ConfigError("seed-mnist compares hyper-updates on one run each; population "
+                              "and online are not used (try seed-cnn)")
+        return self
+
+
+def _scores(problem: Problem):
+    """A jitted ``(task, phi, key) -> {val_loss, test_loss, test_accuracy}`` of training
+    with ``phi`` from scratch."""
+
+    def scores(task, phi, key):
+        value, aux = objective(task, phi, key)
+        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
+        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
+
+    return jax.jit(scores)
+
+
+def _floats(tree) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def _hparams(space: hg.HyperSpace, phi) -> dict[str, float]:
+    return {k: float(np.asarray(v).ravel()[0])
+            for k, v in jax.device_get(space.constrain(phi)).items()}
+
+
+def main(config: SeedMnistConfig, workdir: Path, progress: bool) -> dict:
+    """Tune the seed CNN's four hyperparameters with each hyper-update; score; write
+    ``results.json`` and ``methods.png``."""
+    problem = build(config)
+    task = problem.task
+    key = jax.random.key(config.seed)
+    scores = _scores(problem)
+    phi0 = task.space.init(jnp.dtype(config.dtype))
+    start = _floats(scores(task, phi0, key))
+    results: dict = {"start": {**start, "hparams": _hparams(task.space, phi0)}, "methods": {}}
+    if progress:
+        print(f"start: val {start['val_loss']:.4f}  test acc {start['test_accuracy']:.4f}",
+              flush=True)
+    for name in config.outer_list():
+        run = dataclasses.replace(config, outer=name)
+        history = hg.tune(task, estimator_for(run), outer_for(run), key=key,
+                          meta_steps=config.meta_steps, clip=config.clip, progress=progress)
+        best, final = history.best, history.final
+        entry = {
+            "val_loss": [None if not math.isfinite(v) else float(v) for v in history.val_loss],
+            "accepted": history.accepted.tolist(),
+            "seconds": np.cumsum(history.seconds).tolist(),
+            "learning_rate": np.asarray(history.hparams["learning_rate"],
+                                        np.float64).reshape(len(history), -1)[:, 0].tolist(),
+            "best_meta_step": best.meta_step, "final_meta_step": final.meta_step,
+            "best": {**_floats(scores(task, best.phi, key)),
+                     "hparams": _hparams(task.space, best.phi)},
+            "final": {**_floats(scores(task, final.phi, key)),
+                      "hparams": _hparams(task.space, final.phi)},
+        }
+        results["methods"][name] = entry
+        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if progress:
+            b = entry["best"]
+            print(f"{name:5s} best val {b['val_loss']:.4f} (meta-step {best.meta_step})  test "
+                  f"acc {b['test_accuracy']:.4f}  lr {b['hparams']['learning_rate']:.4g}  "
+                  f"{entry['seconds'][-1]:.0f} s", flush=True)
+    plot(workdir / "results.json", workdir / "methods.png")
+    return {"start_val_loss": start["val_loss"], "start_test_accuracy": start["test_accuracy"],
+            "methods": {name: {"best_val_loss": m["best"]["val_loss"],
+                               "best_test_accuracy": m["best"]["test_accuracy"],
+                               "final_test_accuracy": m["final"]["test_accuracy"],
+                               "best_hparams": m["best"]["hparams"],
+                               "seconds": m["seconds"][-1]}
+                        for name, m in results["methods"].items()}}
+
+
+def plot(results_path: Path, path: Path) -> None:
+    """Validation loss per meta-step and the learning rate's trajectory, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(results_path).read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), dpi=90)
+    for i, (name, m) in enumerate(results["methods"].items()):
+        steps = np.arange(1, len(m["val_loss"]) + 1)
+        val = np.asarray([np.nan if v is None else v for v in m["val_loss"]])
+        acc = m["best"]["test_accuracy"]
+        axes[0].plot(steps, val, marker=".", color=f"C{i}",
+                     label=f"{name} (best: test acc {acc:.3f})")
+        axes[1].plot(steps, m["learning_rate"], marker=".", color=f"C{i}", label=name)
+    start = results["start"]
+    axes[0].axhline(start["val_loss"], color="gray", ls="--", lw=0.8,
+                    label=f"start (test acc {start['test_accuracy']:.3f})")
+    axes[0].set(xlabel="meta-step", ylabel="validation MSE", title="seed CNN on MNIST")
+    axes[1].set(xlabel="meta-step", ylabel="learning rate", yscale="log",
+                title="learning rate evaluated")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def redraw(workdir: Path, out: Path) -> list[Path]:
+    """``methods.png`` in ``out`` from ``workdir/results.json``."""
+    plot(workdir / "results.json", out / "methods.png")
+    return [out / "methods.png"]
+
+
+MNIST = Experiment(
+    "seed-mnist", SeedMnistConfig(), build,
+    "the source article's seed CNN on real MNIST from lr 0.01, momentum 0.5, weight decay "
+    "0.001, slope 0.01, tuned by gradient descent, nonlinear CG and Adam", main, redraw)

@@ -1,4 +1,5 @@
-"""Check any estimator against central finite differences of the objective."""
+"""Check any estimator against central finite differences of the objective, and measure
+the memory its compiled program takes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from hypergrad.task import Task
 from hypergrad.unroll import objective
 
 MAX_COORDINATES = 16
+
+
+def peak_bytes(fn: Any, *args: Any) -> int | None:
+    """XLA's argument + output + temporary bytes of ``jax.jit(fn)`` compiled for ``args``
+    (``None`` where the backend does not say): the memory one call holds at its peak,
+    measured without running it."""
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes)
 
 
 def directional_errors(
