@@ -37,9 +37,4 @@ hypergrad run hyper-cleaning --workdir "$work/hyper-cleaning"
 cp "$work/hyper-cleaning/weights.png" docs/figures/hyper_cleaning_weights.png
 cp "$work/hyper-cleaning/methods.png" docs/figures/hyper_cleaning_methods.png
 hypergrad run chaos --workdir "$work/chaos" && cp "$work/chaos/chaos.png" docs/figures/chaos.png
-# Dataset distillation on real MNIST, when the offline copy is there (README, "Datasets").
-if [ -d ../shared/data/mnist-10k ]; then
-  hypergrad run distill-mnist --set data=idx:../shared/data/mnist-10k \
-    --workdir "$work/distill-mnist"
-  cp "$work/distill-mnist/images.png" docs/figures/distill_mnist.png
-fi
+# The gallery on real MNIST (distill-mnist among it): bash scripts/reproduce_mnist.sh

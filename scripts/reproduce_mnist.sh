@@ -51,4 +51,6 @@ run hyper-cleaning-mnist methods.png -- "${small[@]}" --set steps=20 --set meta_
 run grazzi-mnist hierarchy.png -- "${small[@]}" --set steps=200 --set iterations=1,10
 run baydin-mnist iterations.png -- "${small[@]}" --set steps=100 --set alphas=1e-2,1e-3 \
   --set betas=1e-3
+run distill-mnist images.png -- "${small[@]}" --set meta_steps=5 --set draws=2 \
+  --set grid_points=3
 echo "runs in $work"
