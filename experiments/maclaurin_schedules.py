@@ -46,7 +46,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import hypergrad as hg
-from hypergrad.check import peak_bytes
+from hypergrad.check import memory_bytes
 from hypergrad.config import Config, ConfigError, parse_widths
 from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
 from hypergrad.plots import save_figure
@@ -204,9 +204,10 @@ def grid(config: MaclaurinConfig) -> tuple[Problem, dict]:
 def compare(config: MaclaurinConfig, problem: Problem, phi, key: jax.Array) -> dict:
     """The tuning estimator's hypergradient at ``phi`` beside reverse mode's under each
     checkpoint policy of ``config.compare``: per estimator the largest absolute difference
-    from the tuning estimator's as a fraction of its largest element, XLA's argument +
-    output + temporary bytes (:func:`hypergrad.check.peak_bytes`), and the median seconds
-    of three calls after one that compiles."""
+    from the tuning estimator's as a fraction of its largest element, XLA's argument,
+    output and temporary bytes (:func:`hypergrad.check.memory_bytes`; the arguments, the
+    data among them, are the same for all, the temporaries are what each method holds),
+    and the median seconds of three calls after one that compiles."""
     task = problem.task
     ests = {config.estimator: estimator_for(config)}
     for policy in config.compare_list():
@@ -229,7 +230,8 @@ def compare(config: MaclaurinConfig, problem: Problem, phi, key: jax.Array) -> d
         scale = float(np.max(np.abs(reference))) or 1.0
         rows[label] = {"max_relative_difference": float(np.max(np.abs(grad - reference)))
                        / scale,
-                       "peak_bytes": peak_bytes(est, task, phi, key),
+                       **{f"{k}_bytes": v for k, v in (memory_bytes(est, task, phi, key)
+                                                       or {}).items()},
                        "seconds": statistics.median(times)}
     return rows
 
@@ -253,7 +255,8 @@ def main(config: MaclaurinConfig, workdir: Path, progress: bool) -> dict:
     if progress:
         for label, row in estimators.items():
             print(f"{label:28s} difference {row['max_relative_difference']:.2e}  "
-                  f"{(row['peak_bytes'] or 0) / 2**20:8.2f} MiB  {row['seconds']:.3f} s",
+                  f"{row.get('temp_bytes', 0) / 2**20:8.2f} MiB temporaries  "
+                  f"{row['seconds']:.3f} s",
                   flush=True)
 
     def schedules(p):

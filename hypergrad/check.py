@@ -17,15 +17,23 @@ from hypergrad.unroll import objective
 MAX_COORDINATES = 16
 
 
-def peak_bytes(fn: Any, *args: Any) -> int | None:
-    """XLA's argument + output + temporary bytes of ``jax.jit(fn)`` compiled for ``args``
-    (``None`` where the backend does not say): the memory one call holds at its peak,
-    measured without running it."""
+def memory_bytes(fn: Any, *args: Any) -> dict[str, int] | None:
+    """XLA's ``argument``, ``output`` and ``temp`` (working) bytes of ``jax.jit(fn)``
+    compiled for ``args`` (``None`` where the backend does not say), measured without
+    running it. Two methods on the same data differ in ``temp``: the arguments (the data
+    among them) are the same for both."""
     stats = jax.jit(fn).lower(*args).compile().memory_analysis()
     if stats is None:
         return None
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes)
+    return {"argument": int(stats.argument_size_in_bytes),
+            "output": int(stats.output_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
+
+
+def peak_bytes(fn: Any, *args: Any) -> int | None:
+    """The memory one call of ``jax.jit(fn)`` holds at its peak: the sum of
+    :func:`memory_bytes` (``None`` where the backend does not say)."""
+    sizes = memory_bytes(fn, *args)
+    return None if sizes is None else sum(sizes.values())
 
 
 def directional_errors(

@@ -75,7 +75,9 @@ def test_maclaurin_compare_reversible_beside_checkpointed_reverse():
     none, nested = rows["reverse, checkpoint=none"], rows["reverse, checkpoint=nested"]
     assert none["max_relative_difference"] == pytest.approx(
         nested["max_relative_difference"], abs=1e-12)
-    assert nested["peak_bytes"] < none["peak_bytes"]
+    assert nested["temp_bytes"] < none["temp_bytes"]
+    assert rows["reversible"]["temp_bytes"] < none["temp_bytes"]
+    assert rows["reversible"]["argument_bytes"] == none["argument_bytes"]
 
 
 def test_maclaurin_compare_names_a_bad_policy():
