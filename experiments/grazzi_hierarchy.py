@@ -16,6 +16,10 @@ hypergradient against a tightly converged conjugate-gradient reference, and its 
 Writes ``results.json`` (every error and time) and ``hierarchy.png``. Grazzi et al. found
 conjugate gradient < fixed point <= iterative differentiation in error at equal t; the
 numbers we measured are in README.
+
+``grazzi-mnist`` is the same on real MNIST with one penalty per pixel (784
+hyperparameters; ``features=784``), 2000 training images and 1000 inner steps; at t = 100
+the relative errors were CG 7.5e-13, fixed point 0.14, reverse 0.31.
 """
 
 from __future__ import annotations

@@ -28,6 +28,13 @@ start low and rise; ours are noisy per step and rise over the run, and the chaot
 is ours (see README). ``--set estimator=reversible`` tunes with Maclaurin's exact
 reversible learning instead of reverse mode (the same hypergradient, without storing the
 trajectory).
+
+``maclaurin-mnist`` is the paper's own setup on real MNIST: the MLP 784-50-50-50-10 (800
+schedule hyperparameters), 5000 training images, tuned with ``estimator=reversible`` in
+float64, and ``compare=none,step,nested`` sets reverse mode's hypergradient at the start
+beside it. Measured (seed 0, 58 s): best schedules validation 0.277 / test 91.2% against
+the best constant rate's 0.308 / 89.7%; working memory 9.0 MiB reversible against 162 MiB
+(``none``), 75 MiB (``step``), 17 MiB (``nested``) (README, "On real MNIST").
 """
 
 from __future__ import annotations
