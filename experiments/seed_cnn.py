@@ -72,8 +72,9 @@ class SeedCnnConfig(Config):
     conv: str = "auto"
 
     def validate(self) -> SeedCnnConfig:
-        if self.conv not in CONVS:
-            raise ConfigError(f"conv must be one of {', '.join(CONVS)}; got {self.conv!r}")
+        if self.conv not in hg.models.CONVS:
+            raise ConfigError(f"conv must be one of {', '.join(hg.models.CONVS)}; got "
+                              f"{self.conv!r} (auto: hypergrad.models.conv_form's rule)")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got "
                               f"{self.optimizer!r}")
@@ -106,9 +107,6 @@ class SeedCnnConfig(Config):
 
 
 OPTIMIZERS = ("sgd", "adam")
-#: How the convolutions run: ``auto`` (the im2col matrix product on CPU, XLA's native
-#: convolution elsewhere), ``matmul`` or ``native`` (see hypergrad.models.Conv3x3).
-CONVS = ("auto", "matmul", "native")
 
 
 def build(config: SeedCnnConfig) -> Problem:

@@ -3,7 +3,8 @@
 Run:  python scripts/bench_population.py [--quick] [--json FILE]
       python scripts/bench_population.py --sizes 1 4 16 64 --steps 50
 
-The seed CNN on digits (channels 8,16,16, batch 100, float32, reverse-mode hypergradient
+The seed CNN on digits, or on 28x28 MNIST with ``--data idx:DIR`` (channels 8,16,16, batch
+100, float32, reverse-mode hypergradient
 with ``--checkpoint`` (default ``step``: each step's weights are stored and its
 activations recomputed, so P = 64 fits in a few GiB), gd hyper-update, T = ``--steps``
 inner steps, default 50). For each population size P it
@@ -46,18 +47,19 @@ def _median_time(fn, budget: float, repeats: int) -> float:
 
 
 def bench(sizes: list[int], steps: int, budget: float, repeats: int,
-          checkpoint: str, conv: str = "auto") -> dict:
+          checkpoint: str, conv: str = "auto", data: str = "digits") -> dict:
     import jax
     import jax.numpy as jnp
 
     from hypergrad import population as pop
     from hypergrad.config import override
     from hypergrad.experiment import build, estimator_for, get_experiment, outer_for
+    from hypergrad.models import conv_form
     from hypergrad.tune import initial_state, make_step, with_key
 
     experiment = get_experiment("seed-cnn")
     config = override(experiment.config, [f"steps={steps}", f"checkpoint={checkpoint}",
-                                          f"conv={conv}"])
+                                          f"conv={conv}", f"data={data}"])
     task = build(experiment, config).task
     est, opt = estimator_for(config), outer_for(config)
     one = with_key(make_step(est, opt))
@@ -108,7 +110,9 @@ def bench(sizes: list[int], steps: int, budget: float, repeats: int,
             "device_count": len(jax.devices()), "cpu_count": os.cpu_count(),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "model": f"seed CNN 8,16,16, batch 100, float32, reverse (checkpoint="
-                     f"{checkpoint}), gd, conv={conv}", "rows": rows}
+                     f"{checkpoint}), gd, conv={conv}, data={data}",
+            "conv_form": conv_form(conv, tuple(task.train_data[0].shape[1:3])),
+            "rows": rows}
 
 
 def main() -> None:
@@ -117,7 +121,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="inner steps T")
     p.add_argument("--checkpoint", default="step", help="checkpoint policy (none, step, k)")
     p.add_argument("--conv", default="auto", choices=["auto", "matmul", "native"],
-                   help="the seed CNN's convolution (auto: matmul on CPU, native elsewhere)")
+                   help="the seed CNN's convolution (auto: hypergrad.models.conv_form)")
+    p.add_argument("--data", default="digits",
+                   help="the dataset (digits: 8x8; idx:DIR with MNIST files: 28x28)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=5, help="most timed calls per measurement")
     p.add_argument("--quick", action="store_true", help="P = 1, 4 at T = 10")
@@ -126,7 +132,7 @@ def main() -> None:
     if args.quick:
         args.sizes, args.steps, args.budget, args.repeats = [1, 4], 10, 2.0, 3
     result = bench(args.sizes, args.steps, args.budget, args.repeats, args.checkpoint,
-                   args.conv)
+                   args.conv, args.data)
     print(f"load average before {result['loadavg_before']}, after {result['loadavg_after']} "
           f"({result['cpu_count']} CPUs, {result['device']})")
     if args.json:

@@ -12,6 +12,7 @@
 #   determinism.json                      whether each pair's metrics.jsonl agree bitwise
 #   mnist/                                the seed CNN on real MNIST (5000 train, 2000 test)
 #   bench_population_{matmul,native}.json scripts/bench_population.py, P = 1, 16, 64, T = 50
+#   bench_population_28_{matmul,native}.json  the same on 28x28 MNIST, P = 1, 16, T = 20
 #   bench_unroll.json                     scripts/bench_unroll.py, T = 200 and 1000
 # A failing stage does not stop the later ones; the script exits non-zero if any failed.
 set -uo pipefail
@@ -74,6 +75,13 @@ for conv in matmul native; do
   stage "bench_population_$conv" 150 python3 scripts/bench_population.py --sizes 1 16 64 \
     --budget 2 --repeats 3 --conv "$conv" --json "$res/bench_population_$conv.json"
 done
+if [ -d "$MNIST" ]; then  # the convolution rule at 28x28 (MATMUL_MAX_PIXELS)
+  for conv in matmul native; do
+    stage "bench_population_28_$conv" 90 python3 scripts/bench_population.py --sizes 1 16 \
+      --steps 20 --budget 2 --repeats 3 --conv "$conv" --data "idx:$MNIST" \
+      --json "$res/bench_population_28_$conv.json"
+  done
+fi
 stage bench_unroll 170 python3 scripts/bench_unroll.py --steps 200 1000 --mlp-steps \
   --estimators reverse --checkpoint none step --hvp reverse forward --budget 2 --repeats 3 \
   --timeout 60 --json "$res/bench_unroll.json"
