@@ -99,6 +99,10 @@ class Config:
       resample: train meta-step t with ``fold_in(key(seed), t)``: fresh minibatches and
         noise each meta-step (for dropout and augmentation strengths: their expected
         effect, not one draw's); see :func:`hypergrad.tune`.
+      explore: before tuning, train this many configurations drawn at random from
+        :func:`hypergrad.search.box` and start from the best of them and the configured
+        values (0: start at the configured values); a single run (``population=1``).
+        See :func:`hypergrad.search.explore`.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
@@ -146,6 +150,7 @@ class Config:
     cap: float | None = None
     online: bool = False
     resample: bool = False
+    explore: int = 0
     population: int = 1
     population_spread: float = 0.5
     population_seeds: bool = False
@@ -244,6 +249,10 @@ class Config:
         if self.population > 1 and self.online:
             raise ConfigError("population > 1 does not support online=true; tune one "
                               "population member online, or set online=false")
+        _at_least(self, "explore", 0)
+        if self.explore and self.population > 1:
+            raise ConfigError("explore picks one start; with population > 1 set explore=0 "
+                              "(members start around the configured values)")
         try:
             self.hyperspace()
         except ValueError as e:  # ConfigError included

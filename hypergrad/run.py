@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad import population as population_lib
+from hypergrad import search
 from hypergrad import workdir as files
 from hypergrad.config import Config, ConfigError, from_dict, override
 from hypergrad.experiment import (
@@ -171,8 +172,13 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     est, opt = estimator_for(config), outer_for(config)
     key = keys_for(config)
     keys = population_lib.put(population_lib.member_keys(key, size), mesh)
+    ckpt = workdir / files.CHECKPOINT
+    phi = task.space.init(jnp.dtype(config.dtype))
+    explored = None
+    if config.explore and not (resume and ckpt.exists()):
+        phi, explored = search.explore(task, key, config.explore, phi=phi, seed=config.seed)
     template = initial_state(
-        task, est, opt, key=key, phi=task.space.init(jnp.dtype(config.dtype)), population=size,
+        task, est, opt, key=key, phi=phi, population=size,
         spread=config.population_spread, online=config.online)
     scorer = _scorer(problem, config.online, mesh, size)
     placed = population_lib.put(task, mesh, replicate=True)
@@ -183,7 +189,6 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             if config.online else (phi,)
         return _rows(population_lib.host(scorer(placed, *args, keys)), size)
 
-    ckpt = workdir / files.CHECKPOINT
     log = files.MetricsLog(workdir)
     if resume and ckpt.exists():
         state, meta = files.load_checkpoint(ckpt, population_lib.host(template))
@@ -204,6 +209,10 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
                 "initial": score(template, template.phi),
                 "initial_hparams": [task.space.summarize(population_lib.member(hp, m))
                                     for m in range(size)]}
+        if explored is not None:  # the random phase that chose the start
+            meta["explored"] = {"evaluations": len(explored.val_loss),
+                                "best_val_loss": explored.best_val_loss,
+                                "seconds": float(explored.seconds[-1])}
         log.start()
         files.save_checkpoint(ckpt, population_lib.host(state), meta)
         if population is None:
@@ -286,6 +295,8 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     b = history.final.member or 0
     summary: dict[str, Any] = {"experiment": experiment.name, **rows[int(b)],
                                "meta_steps_run": done, "stopped_early": history.stopped}
+    if "explored" in meta:
+        summary["explored"] = meta["explored"]
     if population is not None:
         finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
         summary |= {

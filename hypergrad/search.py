@@ -292,6 +292,30 @@ def random_search(
                         budget)
 
 
+def explore(task: Task, key: jax.Array, num_samples: int, *, phi: PyTree | None = None,
+            seed: int = 0, bounds: Mapping[str, tuple[Any, Any]] | None = None,
+            dtype: Any = None) -> tuple[PyTree, SearchResult]:
+    """A start for hypergradient refinement: the best of ``phi`` (default the space's
+    initial values) and ``num_samples`` configurations of :func:`random_search` (same
+    box, ``seed`` and ``key``), by validation loss; and the search's result.
+
+    A hypergradient run moves from its start by small steps; a random phase first finds
+    the region a black-box search would, and the hypergradient then descends from there
+    (:func:`hypergrad.tune`'s ``explore``). The start is scored too (one more training
+    run), so exploring never starts worse than not exploring.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    found = random_search(task, key, num_samples, seed=seed, bounds=bounds, batch_size=1,
+                          dtype=dtype)
+    phi = task.space.init(dtype) if phi is None else phi
+    start = float(make_evaluate(task, key)(_stack([jax.device_get(phi)]))[0])
+    if math.isfinite(found.best_val_loss) and not found.best_val_loss >= start:
+        phi = jax.tree.map(lambda a, like: jnp.asarray(a, jnp.result_type(like)),
+                           found.best_phi, phi)
+    return phi, found
+
+
 def _optuna():
     try:
         import optuna

@@ -48,6 +48,7 @@ import optax
 
 from hypergrad import outer as outer_lib
 from hypergrad import population as population_lib
+from hypergrad import search
 from hypergrad.estimators.base import Estimator
 from hypergrad.estimators.pes import NOISE_STREAM, PESState, pes_steps
 from hypergrad.task import Task
@@ -379,7 +380,9 @@ class History:
     population; ``bests`` and ``finals`` have one per member, ``None`` for a member with no
     accepted point); ``stopped`` says why the
     run ended early, if it did; ``state`` is the loop's last :class:`TuneState` (to
-    continue it: ``tune(..., state=history.state)``).
+    continue it: ``tune(..., state=history.state)``); ``explored`` is the
+    :class:`hypergrad.search.SearchResult` of ``tune(..., explore=N)``'s random phase
+    (``None`` without one; not saved by :meth:`save`).
     """
 
     val_loss: np.ndarray
@@ -398,6 +401,7 @@ class History:
     bests: list[Point | None]
     finals: list[Point | None]
     stopped: str | None = None
+    explored: Any = None
     population: int | None = None
     state: TuneState | None = None
 
@@ -634,7 +638,7 @@ def tune(task: Task, estimator: Estimator,
          key: jax.Array, meta_steps: int | None = None, phi: PyTree | None = None,
          population: int | None = None, spread: float = 0.5, devices: int = 0,
          online: bool = False, resample: bool = False, clip: float = DEFAULT_CLIP,
-         guard: Guard = DEFAULT_GUARD,
+         explore: int = 0, guard: Guard = DEFAULT_GUARD,
          callback: Callable[[dict[str, Any], TuneState], None] | None = None,
          progress: bool = False, state: TuneState | None = None) -> History:
     """Tune ``task``'s hyperparameters with ``estimator``'s hypergradients and ``outer``.
@@ -671,6 +675,10 @@ def tune(task: Task, estimator: Estimator,
         trains with ``key`` (a deterministic objective, which a line search needs).
       clip: the hypergradient's global norm is clipped to this before ``outer`` sees it
         (0: no clipping); see :data:`DEFAULT_CLIP`.
+      explore: before the first meta-step, train this many configurations drawn at
+        random from :func:`hypergrad.search.box` and start from the best of them and
+        ``phi`` (:func:`hypergrad.search.explore`; ``History.explored`` holds the search);
+        0 starts at ``phi``. A single run only, and not with ``state``.
       guard: when meta-steps are rejected and members retire (:class:`Guard`).
       callback: called after every meta-step with its JSON-ready record (as
         ``metrics.jsonl`` holds it) and the new :class:`TuneState` (on the host's view of
@@ -698,6 +706,13 @@ def tune(task: Task, estimator: Estimator,
         meta_steps = most if meta_steps is None else min(meta_steps, most)
     if meta_steps is None or meta_steps < 1:
         raise ValueError(f"meta_steps must be a positive integer, got {meta_steps}")
+    explored = None
+    if explore:
+        if population is not None or state is not None:
+            raise ValueError("explore picks one start: it needs a single run (population "
+                             "None) that does not continue a state")
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        phi, explored = search.explore(task, key, explore, phi=phi, seed=seed)
     mesh = population_lib.make_mesh(population_lib.device_count(size, devices))
     keys = population_lib.member_keys(key, size)
     step = population_lib.vmapped(
@@ -748,8 +763,9 @@ def tune(task: Task, estimator: Estimator,
 
     # The point after the last update, evaluated once and checked like any point.
     end_values = np.asarray(population_lib.host(final(task, state, keys)), float)
-    return _history(space, population_lib.host(state), metrics_list, records, seconds,
-                    end_values, stopped, population, guard, state, online)
+    history = _history(space, population_lib.host(state), metrics_list, records, seconds,
+                       end_values, stopped, population, guard, state, online)
+    return dataclasses.replace(history, explored=explored)
 
 
 def _history(space, s: TuneState, metrics: list[dict[str, Any]], records, seconds,

@@ -57,7 +57,11 @@ from hypergrad.experiment import Problem, outer_for
 from hypergrad.plots import save_figure
 from hypergrad.unroll import objective
 
-HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam")
+HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam", "hypergrad-explore")
+#: ``hypergrad-explore``: ``explore=EXPLORE`` random configurations pick the start, then
+#: Adam with step ``EXPLORE_LR`` (in log / logit units) refines it; chosen by measurement
+#: on (a) and (b) (README, "Hypergradients against black-box search").
+EXPLORE, EXPLORE_LR = 20, 0.2
 
 
 # --------------------------------------------------------------------------------------
@@ -103,14 +107,16 @@ class _Spent(Exception):
     """The time budget of a hypergradient run is spent."""
 
 
-def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float
+def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float, *,
+                  explore: int = 0, outer_lr: float | None = None, label: str | None = None
                   ) -> search.SearchResult:
     """:func:`hg.tune` with the command line's defaults from the initial values, stopped
     once ``budget`` seconds have passed (or when it stops itself: nonlinear CG after two
     failed line searches in a row).
 
     Each meta-step's validation loss is that of the ``phi`` it evaluated (``inf`` for a
-    point the guard rejected).
+    point the guard rejected). With ``explore``, :func:`hg.tune`'s random phase picks the
+    start; its evaluations come first in the trace, at the times they finished.
     """
     phis, losses, seconds = [], [], []
     began = time.perf_counter()
@@ -124,24 +130,36 @@ def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float
             raise _Spent
 
     task = problem.task
+    phi = task.space.init(jnp.float32)
+    if explore:  # as hg.tune(explore=...) does, with its evaluations kept for the trace
+        phi, found = search.explore(task, key, explore, phi=phi,
+                                    seed=int(jax.random.randint(key, (), 0, 2**31 - 1)))
+        phis.extend(jax.tree.map(lambda a, i=i: a[i], found.phi) for i in range(explore))
+        losses.extend(found.val_loss.tolist())
+        offset = time.perf_counter() - began - float(found.seconds[-1])
+        seconds.extend((found.seconds + offset).tolist())
     try:
-        hg.tune(task, hg.estimators.reverse(), outer_for(Config(outer=outer)), key=key,
-                phi=task.space.init(jnp.float32), meta_steps=1_000_000, callback=callback)
+        hg.tune(task, hg.estimators.reverse(), outer_for(Config(outer=outer, outer_lr=outer_lr)),
+                key=key, phi=phi, meta_steps=1_000_000, callback=callback)
     except (_Spent, hg.TuneError):
         pass
     stacked = jax.tree.map(lambda *a: np.stack(a), *phis)
-    return search.SearchResult(f"hypergrad-{outer}", stacked, np.array(losses),
+    return search.SearchResult(label or f"hypergrad-{outer}", stacked, np.array(losses),
                                np.array(seconds))
 
 
 def run_methods(name: str, problem: Problem, budget: float, seed: int, quick: bool,
-                batch: int, log) -> dict[str, search.SearchResult]:
+                batch: int, log, only: list[str] | None = None
+                ) -> dict[str, search.SearchResult]:
     key = jax.random.key(seed)
     task = problem.task
     methods = {
         "hypergrad-gd": lambda: hypergradient(problem, "gd", key, budget),
         "hypergrad-ncg": lambda: hypergradient(problem, "ncg", key, budget),
         "hypergrad-adam": lambda: hypergradient(problem, "adam", key, budget),
+        "hypergrad-explore": lambda: hypergradient(
+            problem, "adam", key, budget, explore=2 if quick else EXPLORE,
+            outer_lr=EXPLORE_LR, label="hypergrad-explore"),
         "random": lambda: search.random_search(task, key, seed=seed, batch_size=batch,
                                                budget=budget, dtype=jnp.float32),
         "tpe": lambda: search.tpe_search(task, key, seed=seed, budget=budget,
@@ -151,6 +169,8 @@ def run_methods(name: str, problem: Problem, budget: float, seed: int, quick: bo
         methods["grid"] = lambda: search.grid_search(task, key, points=2 if quick else 3,
                                                      batch_size=batch, budget=budget,
                                                      dtype=jnp.float32)
+    if only:
+        methods = {m: fn for m, fn in methods.items() if m in only or m == "tpe"}
     results = {}
     for method, fn in methods.items():
         results[method] = r = fn()
@@ -193,7 +213,7 @@ def summarize(problem: Problem, results: dict[str, search.SearchResult], seed: i
             "fraction_of_tpe_time": None if reach is None else reach / tpe_time,
             "best_hparams": hg.hparams.summarize(task.space.constrain(r.best_phi)),
         }
-    reaches = [out["methods"][m]["time_to_tpe_best"] for m in HYPERGRAD]
+    reaches = [out["methods"][m]["time_to_tpe_best"] for m in HYPERGRAD if m in out["methods"]]
     reaches = [t for t in reaches if t is not None]
     out["time_fraction"] = min(reaches) / tpe_time if reaches else None
     return out
@@ -259,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1,
                     help="configurations per vmapped evaluation in random and grid search")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated subset of the methods (tpe always runs; default all)")
     ap.add_argument("--json", help="write the traces and summary here")
     ap.add_argument("--figure", help="write the figure (PNG) here")
     ap.add_argument("--from-json", metavar="FILE",
@@ -291,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description, build = PROBLEMS[name]
         problem = build(args.quick)
         log(f"({name}) {description}: {problem.task.space}")
-        results = run_methods(name, problem, budget, args.seed, args.quick, args.batch, log)
+        only = [m for m in args.methods.split(",") if m]
+        results = run_methods(name, problem, budget, args.seed, args.quick, args.batch, log,
+                              only)
         report[name] = {"description": description,
                         "num_hparams": sum(int(np.size(v)) for v in problem.task.space.init()
                                            .values()),

@@ -34,8 +34,10 @@ def test_quick_run_of_problem_c(bench, tmp_path):
     assert set(saved) == {"settings", "c"} and fig.stat().st_size > 0
     c = saved["c"]
     assert c["num_hparams"] == 64
-    assert set(c["methods"]) == {"hypergrad-gd", "hypergrad-ncg", "hypergrad-adam", "random",
-                                 "tpe"}
+    assert set(c["methods"]) == {"hypergrad-gd", "hypergrad-ncg", "hypergrad-adam",
+                                 "hypergrad-explore", "random", "tpe"}
+    # The explore strategy's trace starts with its random draws (2 in a quick run).
+    assert c["methods"]["hypergrad-explore"]["evaluations"] >= 2
     for m in c["methods"].values():
         assert len(m["seconds"]) == len(m["val_loss"]) == m["evaluations"] >= 1
         finite = [v for v in m["val_loss"] if v is not None]

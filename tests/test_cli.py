@@ -404,3 +404,16 @@ def test_deterministic_after_jax_started_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "XLA_FLAGS=--xla_gpu_deterministic_ops=true" in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_explore_picks_the_start_and_says_so(tmp_path, capsys):
+    workdir = tmp_path / "e"
+    assert main(["run", "--quiet", "--workdir", str(workdir), *TINY,
+                 "--set", "explore=4"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["explored"]["evaluations"] == 4
+    # The run starts from the best of the four draws and the configured values.
+    assert summary["initial_val_loss"] <= summary["explored"]["best_val_loss"] + 1e-6
+    assert main(["run", "--set", "explore=2", "--set", "population=2",
+                 "--workdir", str(tmp_path / "p")]) == 2
+    assert "explore picks one start" in capsys.readouterr().err

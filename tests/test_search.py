@@ -176,3 +176,31 @@ def test_bad_input_is_a_clear_error(call, match):
         pytest.importorskip("optuna")
     with pytest.raises((ValueError, KeyError), match=match):
         call(tiny_task())
+
+
+def test_explore_starts_from_the_best_of_the_start_and_the_draws():
+    task = tiny_task()
+    phi0 = task.space.init(np.float64)
+    start = float(objective(task, phi0, KEY)[0])
+    phi, found = search.explore(task, KEY, 12, phi=phi0, seed=3)
+    assert len(found.val_loss) == 12
+    np.testing.assert_array_equal(found.val_loss, search.random_search(
+        task, KEY, 12, seed=3, batch_size=1, dtype=np.float64).val_loss)
+    chosen = float(objective(task, phi, KEY)[0])
+    assert chosen == pytest.approx(min(start, found.best_val_loss), rel=1e-12)
+    # A start no draw beats is kept as it is.
+    best = jax.tree.map(jnp.asarray, found.best_phi)
+    kept, _ = search.explore(task, KEY, 3, phi=best, seed=4)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(best), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tune_explores_before_its_first_meta_step():
+    task = tiny_task()
+    history = hg.tune(task, hg.estimators.reverse(), "gd", key=KEY, meta_steps=2, explore=8)
+    assert len(history.explored.val_loss) == 8
+    # Meta-step 0 evaluates the explored start: no worse than the best draw.
+    assert history.val_loss[0] <= history.explored.best_val_loss * (1 + 1e-12)
+    with pytest.raises(ValueError, match="single run"):
+        hg.tune(task, hg.estimators.reverse(), "gd", key=KEY, meta_steps=1, explore=4,
+                population=2)
