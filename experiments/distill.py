@@ -62,10 +62,9 @@ from flax import nnx
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
+from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
 from hypergrad.plots import save_figure
 from hypergrad.tune import json_safe
-from hypergrad.unroll import objective
 from hypergrad.workdir import save_hparams
 
 INITS = ("means", "noise", "real")
@@ -242,18 +241,6 @@ def build(config: DistillConfig) -> Problem:
     return _setup(config)[0]
 
 
-def _scorer(problem: Problem):
-    """``(task, phi, key) -> {val_loss, test_loss, test_accuracy}`` of training with
-    ``phi``."""
-
-    def scores(task, phi, key):
-        value, aux = objective(task, phi, key)
-        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
-        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
-
-    return scores
-
-
 def grid_scores(config: DistillConfig, problem: Problem, images: Any) -> dict[str, np.ndarray]:
     """Train on each set of ``images`` (a stack of image sets) with every constant
     learning rate of the grid: ``val_loss``, ``test_loss`` and ``test_accuracy``, each
@@ -261,7 +248,7 @@ def grid_scores(config: DistillConfig, problem: Problem, images: Any) -> dict[st
     task = problem.task
     dtype = jnp.dtype(config.dtype)
     phi0 = task.space.init(dtype)
-    scores = _scorer(problem)
+    scores = trained_scores(problem)
     key = jax.random.key(config.seed)
 
     def one(images, log_lr):
@@ -324,7 +311,7 @@ def main(config: DistillConfig, workdir: Path, progress: bool) -> dict:
     problem, data = _setup(config)
     task = problem.task
     key = jax.random.key(config.seed)
-    scores = jax.jit(_scorer(problem))
+    scores = jax.jit(trained_scores(problem))
 
     def scored(phi) -> dict[str, float]:
         return {k: float(v) for k, v in jax.device_get(scores(task, phi, key)).items()}

@@ -55,10 +55,9 @@ from jax.flatten_util import ravel_pytree
 import hypergrad as hg
 from hypergrad.check import memory_bytes
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
+from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
 from hypergrad.plots import save_figure
 from hypergrad.task import classification
-from hypergrad.unroll import objective
 from hypergrad.workdir import save_hparams
 
 
@@ -149,17 +148,6 @@ def build(config: MaclaurinConfig) -> Problem:
     return _problem(config, config.hyperspace())
 
 
-def _trained_scores(problem: Problem):
-    """A jitted ``(task, phi, key) -> {val_loss, test_loss, test_accuracy}``."""
-
-    def scores(task, phi, key):
-        value, aux = objective(task, phi, key)
-        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
-        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
-
-    return jax.jit(scores)
-
-
 def tune(config: MaclaurinConfig, problem: Problem, progress: bool = False) -> dict:
     """The meta-optimization: ``meta_steps`` Adam steps on the schedules (:func:`hg.tune`).
 
@@ -190,7 +178,7 @@ def grid(config: MaclaurinConfig) -> tuple[Problem, dict]:
     phis = {"learning_rate": jnp.asarray(log_lrs, dtype),
             "momentum": jnp.full(len(log_lrs), phi0["momentum"], dtype)}
     key = jax.random.key(config.seed)
-    scores = _trained_scores(problem)
+    scores = jax.jit(trained_scores(problem))
     began = time.perf_counter()
     out = jax.device_get(jax.jit(jax.vmap(scores, in_axes=(None, 0, None)))(task, phis, key))
     seconds = time.perf_counter() - began
@@ -248,7 +236,7 @@ def main(config: MaclaurinConfig, workdir: Path, progress: bool) -> dict:
     problem = build(config)
     task = problem.task
     key = jax.random.key(config.seed)
-    scores = _trained_scores(problem)
+    scores = jax.jit(trained_scores(problem))
     phi0 = task.space.init(jnp.dtype(config.dtype))
     initial = jax.device_get(scores(task, phi0, key))
     save_hparams(workdir, task.space, phi0, 0)

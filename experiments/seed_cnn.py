@@ -46,10 +46,9 @@ import numpy as np
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for
+from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
 from hypergrad.plots import save_figure
 from hypergrad.task import seed_cnn
-from hypergrad.unroll import objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,18 +163,6 @@ class SeedMnistConfig(SeedCnnConfig):
         return self
 
 
-def _scores(problem: Problem):
-    """A jitted ``(task, phi, key) -> {val_loss, test_loss, test_accuracy}`` of training
-    with ``phi`` from scratch."""
-
-    def scores(task, phi, key):
-        value, aux = objective(task, phi, key)
-        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
-        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
-
-    return jax.jit(scores)
-
-
 def _floats(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -191,7 +178,7 @@ def main(config: SeedMnistConfig, workdir: Path, progress: bool) -> dict:
     problem = build(config)
     task = problem.task
     key = jax.random.key(config.seed)
-    scores = _scores(problem)
+    scores = jax.jit(trained_scores(problem))
     phi0 = task.space.init(jnp.dtype(config.dtype))
     start = _floats(scores(task, phi0, key))
     results: dict = {"start": {**start, "hparams": _hparams(task.space, phi0)}, "methods": {}}

@@ -22,6 +22,7 @@ from hypergrad.estimators import Estimator
 from hypergrad.inner import batch_mean
 from hypergrad.models import accuracy
 from hypergrad.task import Task
+from hypergrad.unroll import objective
 
 PyTree = Any
 ENTRY_POINTS = "hypergrad.experiments"
@@ -75,6 +76,20 @@ def classification_scores(task: Task, predict: Callable[..., jax.Array], test: P
         return batch_mean(metrics, test, batch_size)
 
     return evaluate
+
+
+def trained_scores(problem: Problem) -> Callable[..., dict[str, jax.Array]]:
+    """``scores(task, phi, key) -> {"val_loss", **problem.evaluate(...)}``: train from the
+    task's start with ``phi`` (:func:`hypergrad.unroll.objective`, the same run a
+    hypergradient differentiates) and score the trained weights, with the hyperparameters
+    of the last inner step. Not jitted: jit it, or vmap it over many ``phi`` first."""
+
+    def scores(task, phi, key):
+        value, aux = objective(task, phi, key)
+        hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
+        return {"val_loss": value, **problem.evaluate(aux["params"], hparams)}
+
+    return scores
 
 
 def experiments() -> dict[str, Experiment]:

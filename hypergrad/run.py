@@ -176,7 +176,7 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     phi = task.space.init(jnp.dtype(config.dtype))
     explored = None
     if config.explore and not (resume and ckpt.exists()):
-        phi, explored = search.explore(task, key, config.explore, phi=phi, seed=config.seed)
+        phi, explored = search.explore(task, key, config.explore, phi=phi)
     template = initial_state(
         task, est, opt, key=key, phi=phi, population=size,
         spread=config.population_spread, online=config.online)

@@ -267,7 +267,15 @@ def random_search(
     """
     _check_limits(num_samples, budget, "num_samples")
     _check_batch(batch_size)
-    low, high = box(task.space, bounds, dtype)
+    return _run_batches("random", make_evaluate(task, key, checkpoint=checkpoint),
+                        _random_draws(task.space, num_samples, seed, bounds, batch_size, dtype),
+                        budget)
+
+
+def _random_draws(space: HyperSpace, num_samples: int | None, seed: int,
+                  bounds: Mapping[str, tuple[Any, Any]] | None, batch_size: int, dtype: Any):
+    """:func:`random_search`'s configurations, ``batch_size`` stacked at a time."""
+    low, high = box(space, bounds, dtype)
     draw_key = jax.random.key(seed)
 
     @jax.jit
@@ -278,38 +286,38 @@ def random_search(
                  for kk, lo, hi in zip(keys, lows, jax.tree.leaves(high), strict=True)]
         return jax.tree.unflatten(treedef, draws)
 
-    def batches():
-        nonlocal draw_key
-        done = 0
-        while num_samples is None or done < num_samples:
-            n = batch_size if num_samples is None else min(batch_size, num_samples - done)
-            draw_key, k = jax.random.split(draw_key)
-            # A short last batch is a full draw, cut: the same configurations either way.
-            yield jax.tree.map(lambda a, n=n: a[:n], jax.device_get(draw(k)))
-            done += n
-
-    return _run_batches("random", make_evaluate(task, key, checkpoint=checkpoint), batches(),
-                        budget)
+    done = 0
+    while num_samples is None or done < num_samples:
+        n = batch_size if num_samples is None else min(batch_size, num_samples - done)
+        draw_key, k = jax.random.split(draw_key)
+        # A short last batch is a full draw, cut: the same configurations either way.
+        yield jax.tree.map(lambda a, n=n: a[:n], jax.device_get(draw(k)))
+        done += n
 
 
 def explore(task: Task, key: jax.Array, num_samples: int, *, phi: PyTree | None = None,
-            seed: int = 0, bounds: Mapping[str, tuple[Any, Any]] | None = None,
+            seed: int | None = None, bounds: Mapping[str, tuple[Any, Any]] | None = None,
             dtype: Any = None) -> tuple[PyTree, SearchResult]:
     """A start for hypergradient refinement: the best of ``phi`` (default the space's
     initial values) and ``num_samples`` configurations of :func:`random_search` (same
-    box, ``seed`` and ``key``), by validation loss; and the search's result.
+    box, ``bounds`` and ``key``), by validation loss; and the search's result.
 
     A hypergradient run moves from its start by small steps; a random phase first finds
     the region a black-box search would, and the hypergradient then descends from there
     (:func:`hypergrad.tune`'s ``explore``). The start is scored too (one more training
-    run), so exploring never starts worse than not exploring.
+    run, by the same compiled program), so exploring never starts worse than not
+    exploring. ``seed`` seeds the draws; ``None`` derives it from ``key``, so one key
+    gives the same draws from Python and from ``hypergrad run``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    found = random_search(task, key, num_samples, seed=seed, bounds=bounds, batch_size=1,
-                          dtype=dtype)
+    if seed is None:
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    evaluate = make_evaluate(task, key)  # batches of one: a single compile
+    found = _run_batches("random", evaluate,
+                         _random_draws(task.space, num_samples, seed, bounds, 1, dtype), None)
     phi = task.space.init(dtype) if phi is None else phi
-    start = float(make_evaluate(task, key)(_stack([jax.device_get(phi)]))[0])
+    start = float(evaluate(_stack([jax.device_get(phi)]))[0])
     if math.isfinite(found.best_val_loss) and not found.best_val_loss >= start:
         phi = jax.tree.map(lambda a, like: jnp.asarray(a, jnp.result_type(like)),
                            found.best_phi, phi)

@@ -711,8 +711,7 @@ def tune(task: Task, estimator: Estimator,
         if population is not None or state is not None:
             raise ValueError("explore picks one start: it needs a single run (population "
                              "None) that does not continue a state")
-        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-        phi, explored = search.explore(task, key, explore, phi=phi, seed=seed)
+        phi, explored = search.explore(task, key, explore, phi=phi)
     mesh = population_lib.make_mesh(population_lib.device_count(size, devices))
     keys = population_lib.member_keys(key, size)
     step = population_lib.vmapped(

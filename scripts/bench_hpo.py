@@ -132,8 +132,7 @@ def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float, *
     task = problem.task
     phi = task.space.init(jnp.float32)
     if explore:  # as hg.tune(explore=...) does, with its evaluations kept for the trace
-        phi, found = search.explore(task, key, explore, phi=phi,
-                                    seed=int(jax.random.randint(key, (), 0, 2**31 - 1)))
+        phi, found = search.explore(task, key, explore, phi=phi)
         phis.extend(jax.tree.map(lambda a, i=i: a[i], found.phi) for i in range(explore))
         losses.extend(found.val_loss.tolist())
         offset = time.perf_counter() - began - float(found.seconds[-1])

@@ -199,6 +199,9 @@ def test_tune_explores_before_its_first_meta_step():
     task = tiny_task()
     history = hg.tune(task, hg.estimators.reverse(), "gd", key=KEY, meta_steps=2, explore=8)
     assert len(history.explored.val_loss) == 8
+    # One key, one set of draws: hg.tune and hypergrad run both let explore seed from it.
+    np.testing.assert_array_equal(history.explored.val_loss,
+                                  search.explore(task, KEY, 8)[1].val_loss)
     # Meta-step 0 evaluates the explored start: no worse than the best draw.
     assert history.val_loss[0] <= history.explored.best_val_loss * (1 + 1e-12)
     with pytest.raises(ValueError, match="single run"):
