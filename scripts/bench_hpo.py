@@ -3,7 +3,7 @@
 Run:  python scripts/bench_hpo.py [--budget 60] [--json bench_hpo.json] [--figure FILE]
       python scripts/bench_hpo.py --quick            (a smoke run: tiny problems, 2 s each)
 
-Three problems, all float32 on digits (1000 train / 400 validation / 397 test), one key
+Four problems, all float32 on digits (1000 train / 400 validation / 397 test), one key
 per problem shared by every method (same initial weights, same minibatch order):
 
 - ``a``: the seed CNN's four scalar hyperparameters (learning rate, momentum, weight
@@ -13,13 +13,21 @@ per problem shared by every method (same initial weights, same minibatch order):
   momentum and leaky slope: 10 hyperparameters;
 - ``c``: logistic regression with one L2 penalty per input feature (64 hyperparameters),
   ``sum_f l2_f |W[f, :]|^2``, trained by full-batch gradient descent (step 0.1, T = 1000
-  steps, cross-entropy), as ``hypergrad run grazzi-hierarchy`` builds it.
+  steps, cross-entropy), as ``hypergrad run grazzi-hierarchy`` builds it;
+- ``d``: the seed CNN with a learning rate per layer and per inner step (4 x 100) and a
+  weight decay per parameter (13 818), plus momentum and slope: 14 220 hyperparameters.
+  The hypergradient methods tune all of them. TPE, random and grid search cannot search
+  14 220 dimensions; they search the best reduction they can handle, ``b``'s 10 (a
+  constant learning rate and one weight decay per layer, which is the subspace of ``d``
+  where every step's learning rate and every weight decay of a layer are equal). Both
+  spaces start at the same values and score a configuration with the same training run.
 
 Methods, each under the same wall-clock budget (``--budget`` seconds per method and
 problem): hypergradient meta-steps (reverse-mode hypergradient through the whole unroll,
 :func:`hypergrad.tune`) with gradient-descent, nonlinear-CG and Adam
 hyper-updates (:func:`hg.tune` with ``hypergrad run``'s defaults: norm clip
-0.5 for gd and adam), starting from the initial values; random search; Optuna TPE
+0.5 for gd and adam) and Adam with a longer step (``hypergrad-adam-0.2``: 0.2 in log /
+logit units), starting from the initial values; random search; Optuna TPE
 (sequential); and, on ``a`` only, a coarse grid (3 values per hyperparameter, 81
 configurations). Random and grid search score ``--batch`` configurations per ``vmap``-ed
 call; the default is 1 because on the 2-core CPU a batch of 8 took longer per
@@ -57,7 +65,10 @@ from hypergrad.experiment import Problem, outer_for
 from hypergrad.plots import save_figure
 from hypergrad.unroll import objective
 
-HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam", "hypergrad-explore")
+HYPERGRAD = ("hypergrad-gd", "hypergrad-ncg", "hypergrad-adam", "hypergrad-adam-0.2",
+             "hypergrad-explore")
+#: ``hypergrad-adam-0.2``: Adam with step ``LONG_LR`` instead of the default 0.05.
+LONG_LR = 0.2
 #: ``hypergrad-explore``: ``explore=EXPLORE`` random configurations pick the start, then
 #: Adam with step ``EXPLORE_LR`` (in log / logit units) refines it; chosen by measurement
 #: on (a) and (b) (README, "Hypergradients against black-box search").
@@ -92,11 +103,27 @@ def problem_c(quick: bool) -> Problem:
     return build(GrazziConfig(steps=100 if quick else 1000, dtype="float32"))
 
 
+def problem_d(quick: bool) -> Problem:
+    from experiments.seed_cnn import SeedCnnConfig, build
+
+    # `--set hparams.learning_rate.per=layer --set hparams.learning_rate.schedule=per_step
+    #  --set hparams.weight_decay.per=parameter` on the command line.
+    options = (("learning_rate", "per", "layer"), ("learning_rate", "schedule", "per_step"),
+               ("weight_decay", "per", "parameter"))
+    cfg = (SeedCnnConfig(steps=10, channels="4,4,4", hparam_options=options) if quick
+           else SeedCnnConfig(hparam_options=options))
+    return build(cfg)
+
+
 PROBLEMS = {
     "a": ("seed CNN, 4 scalar hyperparameters", problem_a),
     "b": ("seed CNN, per-layer lr and wd + momentum, slope (10)", problem_b),
     "c": ("logistic regression, 64 per-feature L2 penalties", problem_c),
+    "d": ("seed CNN, per-layer x per-step lr, per-parameter wd (14 220)", problem_d),
 }
+#: The space the black-box methods search instead, where a problem has too many
+#: hyperparameters for them (a subspace of the problem's, with the same start).
+REDUCTION = {"d": problem_b}
 
 
 # --------------------------------------------------------------------------------------
@@ -148,14 +175,18 @@ def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float, *
 
 
 def run_methods(name: str, problem: Problem, budget: float, seed: int, quick: bool,
-                batch: int, log, only: list[str] | None = None
-                ) -> dict[str, search.SearchResult]:
+                batch: int, log, only: list[str] | None = None,
+                reduced: Problem | None = None) -> dict[str, search.SearchResult]:
+    """Every method on ``problem``; the black-box ones on ``reduced`` where given."""
     key = jax.random.key(seed)
-    task = problem.task
+    task = (reduced or problem).task
     methods = {
         "hypergrad-gd": lambda: hypergradient(problem, "gd", key, budget),
         "hypergrad-ncg": lambda: hypergradient(problem, "ncg", key, budget),
         "hypergrad-adam": lambda: hypergradient(problem, "adam", key, budget),
+        "hypergrad-adam-0.2": lambda: hypergradient(problem, "adam", key, budget,
+                                                    outer_lr=LONG_LR,
+                                                    label="hypergrad-adam-0.2"),
         "hypergrad-explore": lambda: hypergradient(
             problem, "adam", key, budget, explore=2 if quick else EXPLORE,
             outer_lr=EXPLORE_LR, label="hypergrad-explore"),
@@ -184,20 +215,22 @@ def time_to_reach(result: search.SearchResult, target: float) -> float | None:
     return float(result.seconds[hit[0]]) if hit.size else None
 
 
-def summarize(problem: Problem, results: dict[str, search.SearchResult], seed: int
-              ) -> dict[str, Any]:
-    """Per method: trace, best, test loss of the choice, time to reach TPE's best."""
+def summarize(problem: Problem, results: dict[str, search.SearchResult], seed: int,
+              reduced: Problem | None = None) -> dict[str, Any]:
+    """Per method: trace, best, test loss of the choice, time to reach TPE's best. A
+    black-box method's choice is scored in ``reduced``'s space where given."""
     @jax.jit
     def evaluate(task, phi, key):
         _, aux = objective(task, phi, key)
         hparams = task.space.at_step(task.space.constrain(phi), task.steps - 1)
         return problem.evaluate(aux["params"], hparams)
 
-    task, key = problem.task, jax.random.key(seed)
+    key = jax.random.key(seed)
     tpe = results["tpe"]
     target, tpe_time = tpe.best_val_loss, float(tpe.seconds[-1])
     out: dict[str, Any] = {"methods": {}, "tpe_best_val_loss": target, "tpe_seconds": tpe_time}
     for method, r in results.items():
+        task = (problem if method in HYPERGRAD or reduced is None else reduced).task
         scores = jax.device_get(evaluate(task, r.best_phi, key))
         reach = time_to_reach(r, target)
         out["methods"][method] = {
@@ -268,13 +301,18 @@ def figure(report: dict[str, Any], path: str) -> None:
     save_figure(fig, path)
 
 
+def _size(problem: Problem) -> int:
+    return sum(int(np.size(v)) for v in jax.tree.leaves(problem.task.space.init()))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=60.0,
                     help="wall-clock seconds per method and problem (default 60)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny problems, a 2 s budget unless --budget is given")
-    ap.add_argument("--problems", default="a,b,c", help="comma-separated subset of a,b,c")
+    ap.add_argument("--problems", default="a,b,c,d",
+                    help="comma-separated subset of a,b,c,d")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1,
                     help="configurations per vmapped evaluation in random and grid search")
@@ -298,7 +336,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = [p for p in args.problems.split(",") if p]
     unknown = sorted(set(chosen) - set(PROBLEMS))
     if unknown or not chosen:
-        ap.error(f"--problems takes a comma-separated subset of a,b,c, got {args.problems!r}")
+        ap.error(f"--problems takes a comma-separated subset of a,b,c,d, got "
+                 f"{args.problems!r}")
+
+    only = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(only) - set(HYPERGRAD) - {"random", "tpe", "grid"})
+    if unknown:
+        ap.error(f"--methods takes a comma-separated subset of {', '.join(HYPERGRAD)}, "
+                 f"random, tpe, grid; got {', '.join(unknown)}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -311,14 +356,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in chosen:
         description, build = PROBLEMS[name]
         problem = build(args.quick)
+        reduced = REDUCTION[name](args.quick) if name in REDUCTION else None
         log(f"({name}) {description}: {problem.task.space}")
-        only = [m for m in args.methods.split(",") if m]
         results = run_methods(name, problem, budget, args.seed, args.quick, args.batch, log,
-                              only)
-        report[name] = {"description": description,
-                        "num_hparams": sum(int(np.size(v)) for v in problem.task.space.init()
-                                           .values()),
-                        **summarize(problem, results, args.seed)}
+                              only, reduced)
+        report[name] = {"description": description, "num_hparams": _size(problem),
+                        **summarize(problem, results, args.seed, reduced)}
+        if reduced is not None:
+            report[name]["black_box_num_hparams"] = _size(reduced)
     report["settings"]["loadavg_end"] = list(os.getloadavg())
     print(table(report))
     for name in chosen:
