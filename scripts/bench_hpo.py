@@ -60,7 +60,8 @@ import numpy as np
 
 import hypergrad as hg
 from hypergrad import search
-from hypergrad.config import Config
+from hypergrad.config import Config, ConfigError
+from hypergrad.data import DataError
 from hypergrad.experiment import Problem, outer_for
 from hypergrad.plots import save_figure
 from hypergrad.unroll import objective
@@ -79,40 +80,47 @@ EXPLORE, EXPLORE_LR = 20, 0.2
 # Problems
 
 
-def problem_a(quick: bool) -> Problem:
+#: ``--data SOURCE`` (for example ``idx:../shared/data/mnist-10k``) runs the seed-CNN
+#: problems on 28 x 28 digits at ``seed-mnist``'s sizes: 5000 training, 1000 validation
+#: and 2000 test images, weights checkpointed every 10 steps, scored 500 at a time.
+MNIST_SIZES = dict(data_train_size=5000, data_val_size=1000, data_test_size=2000,
+                   checkpoint="10", val_batch_size=500)
+QUICK_MNIST_SIZES = dict(data_train_size=200, data_val_size=100, data_test_size=100)
+
+
+def _seed_cnn(quick: bool, data: str | None, options=()) -> Problem:
     from experiments.seed_cnn import SeedCnnConfig, build
 
-    cfg = SeedCnnConfig(steps=10, channels="4,4,4") if quick else SeedCnnConfig()
-    return build(cfg)
+    tiny = dict(steps=10, channels="4,4,4") if quick else {}
+    sizes = {} if data is None else dict(data=data, **(QUICK_MNIST_SIZES if quick
+                                                       else MNIST_SIZES))
+    return build(SeedCnnConfig(hparam_options=tuple(options), **tiny, **sizes))
 
 
-def problem_b(quick: bool) -> Problem:
-    from experiments.seed_cnn import SeedCnnConfig, build
+def problem_a(quick: bool, data: str | None = None) -> Problem:
+    return _seed_cnn(quick, data)
 
+
+def problem_b(quick: bool, data: str | None = None) -> Problem:
     # One learning rate and one weight decay per layer (convs/0..2 and head), declared in
     # the space: `--set hparams.learning_rate.per=layer` on the command line.
-    per_layer = (("learning_rate", "per", "layer"), ("weight_decay", "per", "layer"))
-    cfg = (SeedCnnConfig(steps=10, channels="4,4,4", hparam_options=per_layer) if quick
-           else SeedCnnConfig(hparam_options=per_layer))
-    return build(cfg)
+    return _seed_cnn(quick, data, (("learning_rate", "per", "layer"),
+                                   ("weight_decay", "per", "layer")))
 
 
-def problem_c(quick: bool) -> Problem:
+def problem_c(quick: bool, data: str | None = None) -> Problem:
     from experiments.grazzi_hierarchy import GrazziConfig, build
 
+    assert data is None, "problem c runs on the embedded digits only"
     return build(GrazziConfig(steps=100 if quick else 1000, dtype="float32"))
 
 
-def problem_d(quick: bool) -> Problem:
-    from experiments.seed_cnn import SeedCnnConfig, build
-
+def problem_d(quick: bool, data: str | None = None) -> Problem:
     # `--set hparams.learning_rate.per=layer --set hparams.learning_rate.schedule=per_step
     #  --set hparams.weight_decay.per=parameter` on the command line.
-    options = (("learning_rate", "per", "layer"), ("learning_rate", "schedule", "per_step"),
-               ("weight_decay", "per", "parameter"))
-    cfg = (SeedCnnConfig(steps=10, channels="4,4,4", hparam_options=options) if quick
-           else SeedCnnConfig(hparam_options=options))
-    return build(cfg)
+    return _seed_cnn(quick, data, (("learning_rate", "per", "layer"),
+                                   ("learning_rate", "schedule", "per_step"),
+                                   ("weight_decay", "per", "parameter")))
 
 
 PROBLEMS = {
@@ -176,8 +184,11 @@ def hypergradient(problem: Problem, outer: str, key: jax.Array, budget: float, *
 
 def run_methods(name: str, problem: Problem, budget: float, seed: int, quick: bool,
                 batch: int, log, only: list[str] | None = None,
-                reduced: Problem | None = None) -> dict[str, search.SearchResult]:
-    """Every method on ``problem``; the black-box ones on ``reduced`` where given."""
+                reduced: Problem | None = None,
+                reuse: dict[str, search.SearchResult] | None = None
+                ) -> dict[str, search.SearchResult]:
+    """Every method on ``problem``; the black-box ones on ``reduced`` where given, and
+    taken from ``reuse`` where it holds them (runs in the same space, same key)."""
     key = jax.random.key(seed)
     task = (reduced or problem).task
     methods = {
@@ -203,9 +214,10 @@ def run_methods(name: str, problem: Problem, budget: float, seed: int, quick: bo
         methods = {m: fn for m, fn in methods.items() if m in only or m == "tpe"}
     results = {}
     for method, fn in methods.items():
-        results[method] = r = fn()
+        reused = method in (reuse or {})
+        results[method] = r = reuse[method] if reuse and reused else fn()
         log(f"  {name} {method:15s} {len(r.val_loss):5d} evaluations in {r.seconds[-1]:6.1f} s,"
-            f" best val loss {r.best_val_loss:.4f}")
+            f" best val loss {r.best_val_loss:.4f}{' (the same run as above)' if reused else ''}")
     return results
 
 
@@ -316,6 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1,
                     help="configurations per vmapped evaluation in random and grid search")
+    ap.add_argument("--data", metavar="SOURCE",
+                    help="run the seed-CNN problems (a, b, d) on this dataset at MNIST sizes, "
+                         "for example idx:../shared/data/mnist-10k (default: embedded digits)")
     ap.add_argument("--methods", default="",
                     help="comma-separated subset of the methods (tpe always runs; default all)")
     ap.add_argument("--json", help="write the traces and summary here")
@@ -339,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--problems takes a comma-separated subset of a,b,c,d, got "
                  f"{args.problems!r}")
 
+    if args.data and "c" in chosen:
+        ap.error("problem c runs on the embedded digits only: drop c from --problems "
+                 "(for example --problems b,d) or drop --data")
+
     only = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(only) - set(HYPERGRAD) - {"random", "tpe", "grid"})
     if unknown:
@@ -351,19 +370,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"settings": {
         "budget_seconds": budget, "quick": args.quick, "seed": args.seed, "batch": args.batch,
         "compile_time_included": True, "machine": platform.platform(),
+        "data": args.data or "digits",
         "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
         "loadavg_start": list(os.getloadavg())}}
+    # Black-box results per searched space. d's reduction is b's space from the same start
+    # and key, so where b ran, d's black-box methods are b's runs (the same program and
+    # draws), not reruns that differ only by timing noise; the JSON says so.
+    done: dict[Any, tuple[str, dict[str, search.SearchResult]]] = {}
     for name in chosen:
         description, build = PROBLEMS[name]
-        problem = build(args.quick)
-        reduced = REDUCTION[name](args.quick) if name in REDUCTION else None
+        try:
+            problem = build(args.quick, args.data)
+            reduced = REDUCTION[name](args.quick, args.data) if name in REDUCTION else None
+        except (DataError, ConfigError) as e:
+            ap.exit(2, f"bench_hpo.py: error: {e}\n")
         log(f"({name}) {description}: {problem.task.space}")
+        space = REDUCTION.get(name, build)
+        source, reuse = done.get(space, (name, {}))
         results = run_methods(name, problem, budget, args.seed, args.quick, args.batch, log,
-                              only, reduced)
+                              only, reduced, reuse)
+        done.setdefault(space, (name, {m: r for m, r in results.items() if m not in HYPERGRAD}))
         report[name] = {"description": description, "num_hparams": _size(problem),
                         **summarize(problem, results, args.seed, reduced)}
         if reduced is not None:
             report[name]["black_box_num_hparams"] = _size(reduced)
+        if reuse:
+            report[name]["black_box_runs_of"] = source
     report["settings"]["loadavg_end"] = list(os.getloadavg())
     print(table(report))
     for name in chosen:

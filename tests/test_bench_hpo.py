@@ -4,10 +4,16 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_hpo.py"
+from hypergrad.unroll import objective
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_hpo.py"
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist-10k"
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +80,70 @@ def test_problem_d_lifts_b_and_black_box_methods_search_the_reduction(bench, tmp
     for m in saved["methods"].values():
         assert np.isfinite(m["best_val_loss"]) and np.isfinite(m["test_loss"])
     assert report["d"]["tpe_best_val_loss"] == saved["methods"]["tpe"]["best_val_loss"]
+
+
+def test_a_b_configuration_lifted_into_d_trains_the_same(bench):
+    """d's space holds b's: a per-layer learning rate repeated at every step and each
+    layer's weight decay on every one of its parameters give the same training run and
+    validation loss as the (b) configuration itself."""
+    d, b = bench.problem_d(quick=True), bench.problem_b(quick=True)
+    space_b, space_d = b.task.space, d.task.space
+    key = jax.random.key(0)
+    # A (b) point away from the start: every hyperparameter moved by its own amount.
+    phi_b = space_b.init(jnp.float32)
+    phi_b = {n: v + 0.3 * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v))
+             for i, (n, v) in enumerate(sorted(phi_b.items()))}
+    hp_b = space_b.constrain(phi_b)
+    expanded = space_b.expand(hp_b)  # weight decay as a tree shaped like the weights
+    lr_d = space_d.constrain(space_d.init(jnp.float32))["learning_rate"]
+    assert lr_d.shape == (b.task.steps, 4)
+    hp_d = dict(hp_b, learning_rate=jnp.broadcast_to(hp_b["learning_rate"], lr_d.shape),
+                weight_decay=jax.tree.map(
+                    lambda v, shape: jnp.broadcast_to(v, shape), expanded["weight_decay"],
+                    jax.tree.map(jnp.shape, space_d.init(jnp.float32)["weight_decay"])))
+    phi_d = space_d.unconstrain(hp_d)
+    loss_b, aux_b = jax.jit(objective)(b.task, phi_b, key)
+    loss_d, aux_d = jax.jit(objective)(d.task, phi_d, key)
+    assert np.isfinite(loss_b)
+    np.testing.assert_allclose(float(loss_d), float(loss_b), rtol=1e-6)
+    np.testing.assert_allclose(aux_d["train_losses"], aux_b["train_losses"], rtol=1e-5)
+
+
+def test_d_takes_b_black_box_runs_when_b_ran(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--problems", "b,d", "--budget", "1", "--methods",
+                "hypergrad-adam-0.2,random", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert "black_box_runs_of" not in saved["b"] and saved["d"]["black_box_runs_of"] == "b"
+    for method in ("random", "tpe"):
+        assert saved["d"]["methods"][method] == saved["b"]["methods"][method]
+    assert saved["d"]["methods"]["hypergrad-adam-0.2"] != saved["b"]["methods"][
+        "hypergrad-adam-0.2"]
+
+
+def test_data_runs_the_cnn_problems_on_mnist_files(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--problems", "b,c", "--data", "idx:nowhere"])
+    assert exit_info.value.code == 2
+    assert "problem c runs on the embedded digits only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--problems", "b", "--data", f"idx:{tmp_path / 'none'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench_hpo.py: error: ") and "Traceback" not in err
+    if not MNIST_DIR.is_dir():
+        pytest.skip(f"real MNIST is not at {MNIST_DIR}")
+    task = bench.problem_b(quick=True, data=f"idx:{MNIST_DIR}").task
+    assert jax.tree.leaves(task.val_data)[0].shape[0] == 100  # QUICK_MNIST_SIZES
+    assert 28 * 28 in {int(np.prod(x.shape[1:])) for x in jax.tree.leaves(task.val_data)}
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--problems", "b", "--budget", "1", "--methods", "random",
+                "--data", f"idx:{MNIST_DIR}", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["data"] == f"idx:{MNIST_DIR}"
+    assert saved["b"]["num_hparams"] == 10
+    for m in saved["b"]["methods"].values():
+        assert np.isfinite(m["best_val_loss"]) and np.isfinite(m["test_loss"])
 
 
 def test_unknown_method_is_a_usage_error(bench, capsys):
