@@ -2,9 +2,12 @@
 
 Run:  python scripts/bench_hpo.py [--budget 60] [--json bench_hpo.json] [--figure FILE]
       python scripts/bench_hpo.py --quick            (a smoke run: tiny problems, 2 s each)
+      python scripts/bench_hpo.py --data idx:../shared/data/mnist-10k --problems b,d
 
 Four problems, all float32 on digits (1000 train / 400 validation / 397 test), one key
-per problem shared by every method (same initial weights, same minibatch order):
+per problem shared by every method (same initial weights, same minibatch order).
+``--data SOURCE`` runs the seed-CNN problems (a, b, d) on that dataset instead, at
+``seed-mnist``'s sizes (:data:`MNIST_SIZES`):
 
 - ``a``: the seed CNN's four scalar hyperparameters (learning rate, momentum, weight
   decay, leaky slope), as ``hypergrad run seed-cnn`` (T = 100, batch 100);
@@ -21,6 +24,8 @@ per problem shared by every method (same initial weights, same minibatch order):
   constant learning rate and one weight decay per layer, which is the subspace of ``d``
   where every step's learning rate and every weight decay of a layer are equal). Both
   spaces start at the same values and score a configuration with the same training run.
+  When ``b`` runs in the same invocation, ``d``'s black-box results are ``b``'s runs
+  (the same space, key and budget), reported again rather than run twice.
 
 Methods, each under the same wall-clock budget (``--budget`` seconds per method and
 problem): hypergradient meta-steps (reverse-mode hypergradient through the whole unroll,

@@ -91,7 +91,8 @@ def run_case(case: dict) -> dict:
     data = hg.data.load("digits", seed=0)
     if case["model"] == "cnn":
         task, _ = seed_cnn(data, space, steps=case["T"], batch_size=case["batch_size"],
-                           conv=case["conv"], val_batch_size=case["val_batch_size"] or None,
+                           channels=tuple(case["channels"]), conv=case["conv"],
+                           val_batch_size=case["val_batch_size"] or None,
                            optimizer=optimizer)
     else:
         model = hg.models.MLP(nnx.Rngs(0), sizes=(64, 50, 50, 10))
@@ -197,7 +198,7 @@ def grid(args) -> list[dict]:
     base = {"batch_size": args.batch_size, "repeats": args.repeats, "budget": args.budget,
             "max_bytes": args.max_bytes, "implicit_iters": args.implicit_iters,
             "window": args.window, "val_batch_size": args.val_batch_size,
-            "hvp_batch_size": args.hvp_batch_size}
+            "hvp_batch_size": args.hvp_batch_size, "channels": list(args.channels)}
     groups = [("cnn", t, conv) for t in args.steps for conv in args.conv]
     groups += [("mlp", t, None) for t in args.mlp_steps]
     cases = []
@@ -222,6 +223,16 @@ def grid(args) -> list[dict]:
     return cases
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 16,32, got {text!r}")
+    return widths
+
+
 def run_in_subprocess(case: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
     try:
@@ -241,6 +252,8 @@ def main() -> None:
                    help="seed-CNN horizons T")
     p.add_argument("--mlp-steps", type=int, nargs="*", default=[10000],
                    help="MLP (64-50-50-10) horizons T; none to skip the MLP")
+    p.add_argument("--channels", type=_channels, default=(8, 16, 16),
+                   help="the CNN's convolution widths, e.g. 16,32 (default 8,16,16, the seed CNN)")
     p.add_argument("--conv", nargs="+", default=["auto"], choices=["auto", "matmul", "native"])
     p.add_argument("--checkpoint", nargs="+", default=["none", "10", "nested"],
                    help="reverse's policies: 'none', 'step', 'nested' or an integer k")
@@ -282,7 +295,8 @@ def main() -> None:
     import jax
     chunks = "".join(f", {name} {getattr(args, name)}" for name in
                      ("val_batch_size", "hvp_batch_size") if getattr(args, name))
-    print(f"backend: {jax.default_backend()}, batch {args.batch_size}{chunks}; "
+    print(f"backend: {jax.default_backend()}, batch {args.batch_size}{chunks}, CNN channels "
+          f"{','.join(map(str, args.channels))}; "
           "one process per case")
     print(f"{'model':>5} {'T':>6} {'estimator':>10} {'ckpt':>8} {'hvp':>3} {'x64':>3} "
           f"{'seconds':>9} "
@@ -309,6 +323,7 @@ def main() -> None:
                "space": case["space"],
                "granular_over_scalar": hs / vs if hs and vs else None,
                "model": case["model"], "conv": case["conv"], "T": case["T"],
+               "channels": case["channels"] if case["model"] == "cnn" else None,
                "batch_size": case["batch_size"], "x64": case["x64"],
                "window": case["window"] if case["estimator"] == "truncated" else None,
                "train_seconds": ts, "hypergrad_seconds": hs,
