@@ -104,7 +104,8 @@ def run_case(case: dict) -> dict:
     phi, key = task.space.init(jnp.float32), jax.random.key(0)
 
     ck = case["checkpoint"]
-    checkpoint = None if ck in (None, "none") else (ck if ck in ("step", "nested") else int(ck))
+    checkpoint = None if ck in (None, "none") else (ck if ck in ("auto", "step", "nested")
+                                                     else int(ck))
     extras = {}
 
     def train(t, p, k):
@@ -212,7 +213,10 @@ def grid(args) -> list[dict]:
                     ests += [("reverse", ck, False, h, "granular") for h in args.hvp
                              for ck in args.checkpoint]
             elif e == "truncated":
-                ests += [("truncated", None, False, h) for h in args.hvp]
+                # Within its window truncated takes the per-step policies only.
+                per_step = [ck for ck in args.checkpoint if ck in ("none", "step", "auto")]
+                ests += [("truncated", ck, False, h) for h in args.hvp
+                         for ck in per_step or ["none"]]
             elif e == "reversible":
                 ests += [("train", None, True, None), ("reversible", None, True, None)]
             else:
@@ -256,7 +260,8 @@ def main() -> None:
                    help="the CNN's convolution widths, e.g. 16,32 (default 8,16,16, the seed CNN)")
     p.add_argument("--conv", nargs="+", default=["auto"], choices=["auto", "matmul", "native"])
     p.add_argument("--checkpoint", nargs="+", default=["none", "10", "nested"],
-                   help="reverse's policies: 'none', 'step', 'nested' or an integer k")
+                   help="reverse's policies: 'none', 'step', 'nested', an integer k or "
+                        "'auto' (the default's rule); truncated takes none, step and auto")
     p.add_argument("--estimators", nargs="+",
                    default=["reverse", "truncated", "forward", "implicit", "reversible"],
                    choices=["reverse", "truncated", "forward", "implicit", "reversible"])

@@ -82,16 +82,34 @@ def test_logistic_regression_against_central_differences(batch_size):
         assert r["rel_error"] <= 1e-6, r
 
 
-@pytest.mark.parametrize("checkpoint", ["step", 1, 5, 7, 12, 50, "nested"])
+@pytest.mark.parametrize("checkpoint", ["auto", "step", 1, 5, 7, 12, 50, "nested"])
 def test_checkpoint_policies_change_nothing(checkpoint):
     task = logreg_task(steps=12)
     phi, key = task.space.init(), jax.random.key(3)
-    v0, g0, _ = hg.estimators.reverse()(task, phi, key)
+    v0, g0, _ = hg.estimators.reverse(None)(task, phi, key)
     v1, g1, aux = hg.estimators.reverse(checkpoint)(task, phi, key)
     assert aux["train_losses"].shape == (12,)
     np.testing.assert_allclose(v1, v0, rtol=1e-12)
     for name in phi:
         np.testing.assert_allclose(g1[name], g0[name], rtol=1e-12)
+
+
+def test_auto_checkpoint_policy_is_the_measured_rule_for_the_backend():
+    from hypergrad.unroll import auto_policy, check_policy
+
+    assert auto_policy("cpu") == "step"
+    assert auto_policy("gpu") is None and auto_policy("tpu") is None
+    assert check_policy("auto") == auto_policy()
+    # The default estimator runs that policy: on this backend it is the same program as
+    # asking for the policy by name, so the same bits.
+    assert hg.estimators.reverse().options["checkpoint"] == "auto"
+    task = logreg_task(steps=12)
+    phi, key = task.space.init(), jax.random.key(3)
+    v0, g0, _ = hg.estimators.reverse()(task, phi, key)
+    v1, g1, _ = hg.estimators.reverse(auto_policy())(task, phi, key)
+    assert v0 == v1
+    for name in phi:
+        assert np.array_equal(g0[name], g1[name])
 
 
 def test_bad_checkpoint_policy():

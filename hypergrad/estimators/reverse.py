@@ -12,16 +12,19 @@ from hypergrad.task import Task
 from hypergrad.unroll import check_policy, objective
 
 
-def reverse(checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
+def reverse(checkpoint: Any = "auto", hvp: str = "reverse") -> Estimator:
     """Backpropagate the validation loss through all T inner steps.
 
     Exact up to floating point; memory grows with T unless a checkpoint policy trades it
     for recomputation.
 
     Args:
-      checkpoint: ``None`` (store every step), ``"step"`` (store each step's weights and
-        recompute activations), an integer k (store the weights every k steps) or
-        ``"nested"`` (two levels: about sqrt(T) stored states, one extra forward pass).
+      checkpoint: ``"auto"`` (default: the policy measured fastest on the backend,
+        :func:`hypergrad.unroll.auto_policy`: ``"step"`` on CPU, ``None`` elsewhere),
+        ``None`` (store every step), ``"step"`` (store each step's weights and recompute
+        activations), an integer k (store the weights every k steps) or ``"nested"`` (two
+        levels: about sqrt(T) stored states, one extra forward pass). All are exact; they
+        round differently in the last bits.
       hvp: ``"reverse"`` (default) is plain reverse-over-reverse autodiff, which stores
         every step's activations; ``"forward"`` backpropagates through each inner step's
         gradient with one forward-over-reverse Hessian-vector product, keeping only the

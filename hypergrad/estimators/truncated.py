@@ -12,7 +12,7 @@ from hypergrad.task import Task
 from hypergrad.unroll import check_policy, check_window, truncated_objective
 
 
-def truncated(window: int, checkpoint: Any = None, hvp: str = "reverse") -> Estimator:
+def truncated(window: int, checkpoint: Any = "auto", hvp: str = "reverse") -> Estimator:
     """Backpropagate the validation loss through the last ``window`` inner steps only.
 
     The first ``T - K`` steps train as usual but their final state is treated as a
