@@ -40,7 +40,8 @@ class Config:
       steps: inner training steps T per meta-step.
       meta_steps: hyper-updates in the run.
       batch_size: examples per inner step; 0 trains on the full batch.
-      outer: the hyper-update: ``gd``, ``ncg`` (nonlinear CG with line search) or ``adam``.
+      outer: the hyper-update: ``adam`` (default; step 0.2 in log/logit units), ``gd`` or
+        ``ncg`` (nonlinear CG with line search).
       outer_lr: the hyper-update's step size (for ``ncg``, the first trial step); ``None``
         takes the hyper-update's own default (:data:`hypergrad.outer.DEFAULT_LR`).
       clip: hypergradients with a larger global norm are scaled down to it before a
@@ -55,9 +56,11 @@ class Config:
         or the rest of the examples if it has none.
       data_dir: where tfds keeps prepared datasets (``data.data_dir``; empty: tfds's default).
       loss: ``mse`` (on one-hot targets) or ``ce`` (cross-entropy).
-      checkpoint: ``none`` stores every inner step for the backward pass; ``step``
-        stores each step's weights; an integer k stores the weights every k steps and
-        recomputes the rest; ``nested`` checkpoints at two levels (memory ~ sqrt(T)).
+      checkpoint: ``auto`` (default) takes the policy measured fastest on the backend
+        (:func:`hypergrad.unroll.auto_policy`: ``step`` on CPU, ``none`` elsewhere);
+        ``none`` stores every inner step for the backward pass; ``step`` stores each
+        step's weights; an integer k stores the weights every k steps and recomputes the
+        rest; ``nested`` checkpoints at two levels (memory ~ sqrt(T)).
       hvp: how ``reverse`` and ``truncated`` backpropagate through each inner step's
         gradient: ``reverse`` (plain autodiff; stores every activation) or ``forward`` (a
         forward-over-reverse Hessian-vector product; stores only each step's inputs).
@@ -122,7 +125,7 @@ class Config:
     steps: int = 100
     meta_steps: int = 30
     batch_size: int = 100
-    outer: str = "gd"
+    outer: str = "adam"
     outer_lr: float | None = None
     clip: float = DEFAULT_CLIP
     seed: int = 0
@@ -132,7 +135,7 @@ class Config:
     data_test_size: int = dataclasses.field(default=0, metadata={"key": "data.test_size"})
     data_dir: str = dataclasses.field(default="", metadata={"key": "data.data_dir"})
     loss: str = "mse"
-    checkpoint: str = "none"
+    checkpoint: str = "auto"
     hvp: str = "reverse"
     hvp_batch_size: int = 0
     val_batch_size: int = 0
@@ -273,12 +276,12 @@ class Config:
 
     def checkpoint_policy(self) -> str | int | None:
         """``checkpoint`` as :func:`hypergrad.estimators.reverse` takes it."""
-        if self.checkpoint in ("none", "step", "nested"):
+        if self.checkpoint in ("auto", "none", "step", "nested"):
             return None if self.checkpoint == "none" else self.checkpoint
         # Only ASCII digits: str.isdigit() also accepts '²', which int() refuses.
         if re.fullmatch(r"[0-9]+", self.checkpoint) and int(self.checkpoint) >= 1:
             return int(self.checkpoint)
-        raise ConfigError(f"checkpoint must be none, step, nested or a positive integer k, "
+        raise ConfigError(f"checkpoint must be auto, none, step, nested or a positive integer k, "
                           f"got {show(self.checkpoint)}")
 
     def to_dict(self) -> dict[str, Any]:
