@@ -125,6 +125,19 @@ def test_es_cap_past_a_cliff():
     assert 0 < int(aux["capped"]) < 2 * pairs
 
 
+@pytest.mark.parametrize("make", [lambda: hg.estimators.es(0.1, 2),
+                                  lambda: hg.estimators.pes(0.1, 2, 4)], ids=["es", "pes"])
+def test_smoothed_gradients_come_in_phi_dtype_when_the_loss_is_float64(make):
+    # A float64 task (weights, data, loss) tuned in float32 phi: the gradient must be float32
+    # like phi, or Adam's moments turn float64 after one step and a checkpoint written
+    # then no longer matches the state a resumed run starts from (issue 23's default).
+    task = logreg_task(steps=8)
+    phi = task.space.init(jnp.float32)
+    value, grad, _ = make()(task, phi, jax.random.key(0))
+    assert jax.tree.map(lambda g: g.dtype, grad) == jax.tree.map(lambda p: p.dtype, phi)
+    assert all(bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0)) for g in grad.values())
+
+
 def test_es_chunked_equals_vmapped():
     task = shift_task()
     key = jax.random.key(1)
