@@ -1,6 +1,5 @@
 """scripts/bench_hpo.py: its problems, and smoke runs of problems c and d."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,18 +9,15 @@ import numpy as np
 import pytest
 
 from hypergrad.unroll import objective
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench_hpo.py"
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist-10k"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_hpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_hpo")
 
 
 def test_problem_b_has_one_learning_rate_and_weight_decay_per_layer(bench):
