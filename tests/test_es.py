@@ -126,11 +126,16 @@ def test_es_cap_past_a_cliff():
 
 
 @pytest.mark.parametrize("make", [lambda: hg.estimators.es(0.1, 2),
-                                  lambda: hg.estimators.pes(0.1, 2, 4)], ids=["es", "pes"])
-def test_smoothed_gradients_come_in_phi_dtype_when_the_loss_is_float64(make):
+                                  lambda: hg.estimators.pes(0.1, 2, 4),
+                                  lambda: hg.estimators.forward(),
+                                  lambda: hg.estimators.reverse()],
+                         ids=["es", "pes", "forward", "reverse"])
+def test_gradients_come_in_phi_dtype_when_the_loss_is_float64(make):
     # A float64 task (weights, data, loss) tuned in float32 phi: the gradient must be float32
     # like phi, or Adam's moments turn float64 after one step and a checkpoint written
     # then no longer matches the state a resumed run starts from (issue 23's default).
+    # es and forward returned float64 before Estimator cast it; pes's online steps
+    # (pes_steps, no Estimator) cast on their own and are checked by test_resume.
     task = logreg_task(steps=8)
     phi = task.space.init(jnp.float32)
     value, grad, _ = make()(task, phi, jax.random.key(0))

@@ -79,9 +79,7 @@ def es(sigma: float, num_pairs: int, chunk: int | None = None,
             values = jax.lax.map(loss, points, batch_size=chunk)
         values, capped = _apply_cap(values, cap)
         plus, minus = values[:num_pairs], values[num_pairs:]
-        # In phi's dtype, as the contract says, whatever the loss's (a float64 loss
-        # would otherwise promote a float32 phi's gradient and the outer state with it).
-        diffs = ((plus - minus) / (2 * sigma)).astype(flat.dtype)
+        diffs = (plus - minus) / (2 * sigma)
         per_pair = diffs[:, None] * z
         value, aux = objective(task, phi, key)
         aux = {**aux, "smoothed_value": jnp.mean(values),

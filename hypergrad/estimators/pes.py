@@ -91,7 +91,8 @@ def pes_steps(sigma: float, num_pairs: int, window: int,
             lambda p, params: task.validation_loss(params, task.space.constrain(unravel(p)))
         )(points, state.inner.params)
         values, capped = _apply_cap(values, cap)
-        # In phi's dtype (xi's), whatever the validation loss's: see es.
+        # In phi's dtype (xi's), whatever the validation loss's, as Estimator casts its
+        # gradients: the online loop calls these steps without an Estimator.
         diffs = ((values[:num_pairs] - values[num_pairs:]) / (2 * sigma)).astype(state.xi.dtype)
         per_pair = diffs[:, None] * state.xi
         aux = {"train_loss": jnp.mean(losses[:, -1]), "stderr": unravel(_stderr(per_pair)),
