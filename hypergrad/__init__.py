@@ -16,13 +16,25 @@ from hypergrad.check import check_hypergrad, directional_errors
 from hypergrad.experiment import Experiment, Problem, classification_scores
 from hypergrad.hparams import Constraint, HyperSpace, bounded, positive, real, unit
 from hypergrad.task import Task
-from hypergrad.tune import Guard, History, Point, TuneError, TuneState, TuneWarning, tune
+from hypergrad.tune import (
+    ExploreRefine,
+    Guard,
+    History,
+    Local,
+    Point,
+    TuneError,
+    TuneState,
+    TuneWarning,
+    tune,
+)
 
 __all__ = [
     "Constraint",
     "Experiment",
+    "ExploreRefine",
     "Guard",
     "History",
+    "Local",
     "HyperSpace",
     "Point",
     "Problem",

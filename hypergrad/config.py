@@ -125,7 +125,7 @@ class Config:
     steps: int = 100
     meta_steps: int = 30
     batch_size: int = 100
-    outer: str = "adam"
+    outer: str = outer.DEFAULT
     outer_lr: float | None = None
     clip: float = DEFAULT_CLIP
     seed: int = 0

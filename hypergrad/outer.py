@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
+    "DEFAULT",
     "DEFAULT_LR",
     "NAMES",
     "NonlinearCGState",
@@ -418,6 +419,9 @@ NAMES = tuple(_BY_NAME)
 # 0.05 it ended lower on all four problems on digits, and it beat gd on the seed CNN's
 # run and on MNIST (b) and (d); it was 0.05 before.
 DEFAULT_LR: dict[str, float] = {"gd": 1.0, "ncg": 1.0, "adam": 0.2}
+#: The hyper-update of ``hg.tune`` given none and of ``hypergrad run``: Adam, step
+#: ``DEFAULT_LR["adam"]``.
+DEFAULT = "adam"
 
 
 def by_name(name: str, learning_rate: float | None = None) -> optax.GradientTransformationExtraArgs:

@@ -62,8 +62,9 @@ def test_run_writes_config_metrics_summary_and_figures(tmp_path, capsys):
     lines = records(tmp_path)
     assert [r["meta_step"] for r in lines] == [0, 1, 2, 3]
     for r in lines:
-        assert set(r) == {"meta_step", "val_loss", "train_loss", "hparams", "hypergrad_norm",
-                          "seconds"}
+        # rho: the achieved over the predicted change since the last accepted point
+        assert set(r) - {"rho"} == {"meta_step", "val_loss", "train_loss", "hparams",
+                                    "hypergrad_norm", "seconds"}
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 0.5
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["initial_val_loss"] == pytest.approx(lines[0]["val_loss"])

@@ -1,0 +1,31 @@
+"""The tuning loop, as a package: the guard, the jitted meta-step, the History, the host
+loop and the strategies (see each module). Re-exports only."""
+
+from hypergrad.tune.guard import DEFAULT_GUARD, Guard
+from hypergrad.tune.history import History, Point, json_safe
+from hypergrad.tune.loop import (
+    DEFAULT_BUDGET,
+    RESCORE_KEYS,
+    TuneError,
+    TuneWarning,
+    default_estimator,
+    initial_state,
+    tune,
+)
+from hypergrad.tune.step import (
+    DEFAULT_CLIP,
+    TuneState,
+    init_state,
+    make_final,
+    make_step,
+    online_weights,
+    with_key,
+)
+from hypergrad.tune.strategies import DEFAULT as DEFAULT_STRATEGY
+from hypergrad.tune.strategies import ExploreRefine, Local, Plan
+
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_CLIP", "DEFAULT_GUARD", "DEFAULT_STRATEGY",
+           "ExploreRefine", "Guard", "History", "Local", "Plan", "Point", "RESCORE_KEYS",
+           "TuneError", "TuneState", "TuneWarning", "default_estimator", "init_state",
+           "initial_state", "json_safe", "make_final", "make_step", "online_weights", "tune",
+           "with_key"]

@@ -1,0 +1,231 @@
+"""Tuning strategies: where the meta-steps start, and what replaces a member that stops.
+
+A strategy is a small frozen object with one method, :meth:`plan`, that returns the
+starting points of the refinement (one, or a population) and a queue of further starts,
+and two switches the loop reads: ``restart`` (replace a member that converged, stalled
+or was retired with the next start of the queue, then with a perturbation of the best
+point so far) and ``smooth`` (when a member finds the objective chaotic at the step's
+scale, switch every member to the hypergradient of the loss smoothed at that scale).
+The loop (:func:`hypergrad.tune.tune`) is the same for all of them: a new strategy is a
+new object, not a branch in the loop.
+
+- :class:`Local`: today's run: one start (``phi``) or a population around it, an
+  optional random phase choosing the start (``explore``), nothing replaced.
+- :class:`ExploreRefine` (the default): a space-filling exploration of the search box
+  sized by the budget, then hypergradient refinement of the best starts, restarting from
+  the next best start whenever a member settles, smoothing where the objective is
+  chaotic. A stochastic task (a train loss that takes a ``key``) is tuned on the mean
+  over several keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hypergrad import population as population_lib
+from hypergrad import search
+from hypergrad.task import Task
+from hypergrad.unroll import objective
+
+PyTree = Any
+
+#: Hyperparameter arrays with more scalars than this, in all, are explored with one value
+#: per name (broadcast to every coordinate), as the black-box methods search a reduction.
+TIED_ABOVE = 32
+
+
+class Plan(NamedTuple):
+    """What a strategy starts from.
+
+    Attributes:
+      phis: the refinement's starts, stacked on a leading member axis.
+      population: ``None`` for a single run, else the number of members.
+      explored: the exploration phase as a :class:`hypergrad.search.SearchResult`
+        (``seconds`` from the call of :func:`hypergrad.tune.tune`), or ``None``.
+      queue: further starts, best first, for members that stop.
+      start: the validation loss of the run's starting point (``phi``) where the plan
+        scored it, else ``None``.
+    """
+
+    phis: PyTree
+    population: int | None
+    explored: search.SearchResult | None
+    queue: list[PyTree]
+    start: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """A local run from ``phi``: a single run, or ``population`` members at ``phi`` and
+    ``phi + spread * N(0, 1)``; with ``explore``, the best of ``explore`` random
+    configurations and ``phi`` is the start (:func:`hypergrad.search.explore`)."""
+
+    population: int | None = None
+    spread: float = 0.5
+    explore: int = 0
+    smooth: bool = False
+    restart: bool = False
+    keys: int | None = 1
+    name: str = "local"
+
+    def plan(self, task: Task, key: jax.Array, phi: PyTree, *, budget: float | None,
+             began: float, keys: int) -> Plan:
+        del budget
+        explored = None
+        if self.explore:
+            if self.population is not None:
+                raise ValueError("explore picks one start: it needs a single run (population "
+                                 "None) that does not continue a state")
+            phi, explored = search.explore(task, key, self.explore, phi=phi)
+            explored = explored._replace(
+                seconds=explored.seconds + (time.perf_counter() - began
+                                            - float(explored.seconds[-1])))
+        size = 1 if self.population is None else int(self.population)
+        first = jax.random.wrap_key_data(population_lib.member_keys(key, size)[0])
+        phis = jax.jit(population_lib.member_phis, static_argnums=(1,))(
+            phi, size, self.spread, first)
+        return Plan(phis, self.population, explored, [], None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreRefine:
+    """Explore the search box, then refine the best starts by hypergradient.
+
+    Attributes:
+      explore: the exploration's size: a number of configurations (an ``int``), or the
+        fraction of the budget it may take (a ``float`` below 1; without a budget,
+        ``explore_default`` configurations). The start (``phi``) is scored first, so the
+        run never starts worse than it.
+      members: starts refined at once, as one vmapped population (1: one at a time).
+      smooth: answer chaos at the step's scale by smoothing (see the module docstring).
+      restart: replace a member that stops by the next start.
+      keys: keys each configuration is scored on (``None``: 4 for a stochastic task,
+        else 1).
+      bounds: the search box in natural units (:func:`hypergrad.search.box`).
+      explore_default: configurations explored when there is no budget to size it.
+    """
+
+    explore: int | float = 0.3
+    members: int = 1
+    smooth: bool = True
+    restart: bool = True
+    keys: int | None = None
+    bounds: Any = None
+    explore_default: int = 24
+    name: str = "explore-refine"
+
+    def plan(self, task: Task, key: jax.Array, phi: PyTree, *, budget: float | None,
+             began: float, keys: int) -> Plan:
+        if isinstance(self.explore, float) and not 0 < self.explore < 1:
+            raise ValueError(f"explore as a fraction of the budget must be in (0, 1), got "
+                             f"{self.explore}")
+        if isinstance(self.explore, float):
+            count, until = (None, began + self.explore * budget) if budget else \
+                (self.explore_default, math.inf)
+        else:
+            count, until = int(self.explore), math.inf
+        evaluate = scorer(task, key, keys)
+        low, high = search.box(task.space, self.bounds, jnp.result_type(
+            *jax.tree.leaves(phi)))
+        tied = _size(phi) > TIED_ABOVE
+        block_size = count or 64  # a Latin hypercube per block of draws
+        phis, losses = [jax.device_get(phi)], [evaluate(phi)]
+        seconds = [time.perf_counter() - began]
+        i, block = 0, None
+        while count is None or i < count:
+            if count is None and time.perf_counter() >= until:
+                break
+            if i % block_size == 0:
+                block = space_filling(low, high, block_size,
+                                      jax.random.fold_in(key, i // block_size), tied=tied)
+            phis.append(jax.tree.map(lambda a, j=i % block_size: a[j], block))
+            losses.append(evaluate(phis[-1]))
+            seconds.append(time.perf_counter() - began)
+            i += 1
+        stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *phis)
+        loss = np.asarray(losses, float)
+        explored = search.SearchResult("explore", stacked, loss, np.asarray(seconds))
+        order = [int(j) for j in np.argsort(loss, kind="stable") if np.isfinite(loss[j])]
+        starts = _distinct([phis[j] for j in order], low, high)
+        if not starts:
+            starts = [phis[0]]
+        size = max(1, min(int(self.members), len(starts)))
+        chosen, queue = starts[:size], starts[size:]
+        like = lambda p: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.asarray(a, jnp.result_type(b)), p, phi)
+        stacked_starts = jax.tree.map(lambda *a: jnp.stack(a), *[like(p) for p in chosen])
+        return Plan(stacked_starts, None if int(self.members) == 1 else size, explored,
+                    [like(p) for p in queue], float(loss[0]))
+
+
+def scorer(task: Task, key: jax.Array, keys: int):
+    """``evaluate(phi) -> float``: the validation loss after training (the mean over
+    ``fold_in(key, k)`` for ``keys > 1``; ``inf`` where not finite), compiled once."""
+
+    @jax.jit
+    def loss(task, phi, key):
+        if keys == 1:
+            return objective(task, phi, key)[0]
+        ks = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(keys))
+        return jnp.mean(jax.vmap(lambda k: objective(task, phi, k)[0])(ks))
+
+    def evaluate(phi) -> float:
+        v = float(loss(task, phi, key))
+        return v if math.isfinite(v) else math.inf
+
+    return evaluate
+
+
+def space_filling(low: PyTree, high: PyTree, n: int, key: jax.Array, *,
+                  tied: bool = False) -> PyTree:
+    """``n`` points of a Latin hypercube in the box ``[low, high]`` (each coordinate's
+    range cut into ``n`` strata, one point in each, strata paired at random), stacked on
+    a leading axis; with ``tied``, one coordinate per leaf, broadcast to its shape."""
+    leaves, treedef = jax.tree.flatten(low)
+    highs = jax.tree.leaves(high)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    out = []
+    for lo, hi in zip(leaves, highs, strict=True):
+        lo, hi = np.asarray(lo), np.asarray(hi)
+        shape = () if tied else lo.shape
+        m = int(np.prod(shape))
+        strata = np.stack([rng.permutation(n) for _ in range(m)], axis=-1) if m else \
+            np.zeros((n, 0))
+        u = (strata + rng.uniform(size=strata.shape)) / n
+        u = u.reshape((n, *shape))
+        out.append((lo + u * (hi - lo)).astype(lo.dtype) if not tied else
+                   (lo + u.reshape((n,) + (1,) * lo.ndim) * (hi - lo)).astype(lo.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _size(phi: PyTree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(phi))
+
+
+def _distinct(points: list[PyTree], low: PyTree, high: PyTree,
+              fraction: float = 0.05) -> list[PyTree]:
+    """``points`` without those within ``fraction`` of the box's width (root mean square
+    per coordinate) of an earlier one."""
+    width = np.concatenate([np.ravel(np.asarray(h) - np.asarray(lo)) for lo, h in
+                            zip(jax.tree.leaves(low), jax.tree.leaves(high), strict=True)])
+    flat = [np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(p)])
+            for p in points]
+    kept: list[int] = []
+    for i, f in enumerate(flat):
+        if all(np.sqrt(np.mean(((f - flat[j]) / width) ** 2)) > fraction for j in kept):
+            kept.append(i)
+    return [points[i] for i in kept]
+
+
+#: The default strategy of :func:`hypergrad.tune.tune` and ``hypergrad run``.
+DEFAULT = ExploreRefine()
+
+#: Strategies by the name a config gives (``--set strategy=NAME``).
+BY_NAME = {"explore-refine": DEFAULT, "local": Local()}
