@@ -42,7 +42,7 @@ import numpy as np
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, outer_for
+from hypergrad.experiment import Experiment, Problem, tune_options
 from hypergrad.plots import save_figure
 from hypergrad.task import seed_cnn
 from hypergrad.unroll import objective
@@ -194,9 +194,9 @@ def tune_each(config: ChaosConfig, problem: Problem, progress: bool,
     out = {}
     for name, est in estimators(config).items():
         online = name == "pes"
-        history = hg.tune(task, est, outer_for(config), key=key, online=online,
-                          meta_steps=None if online else config.meta_steps, clip=config.clip,
-                          progress=progress)
+        history = hg.tune(task, **tune_options(config) | {
+            "estimator": est, "key": key, "online": online,
+            "meta_steps": None if online else config.meta_steps}, progress=progress)
         val_loss = [_finite(float(v)) for v in history.val_loss]
         best_phi, best_step = history.best.phi, history.best.meta_step
         extra: dict[str, Any] = {}

@@ -62,7 +62,12 @@ from flax import nnx
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
+from hypergrad.experiment import (
+    Experiment,
+    Problem,
+    trained_scores,
+    tune_options,
+)
 from hypergrad.plots import save_figure
 from hypergrad.tune import json_safe
 from hypergrad.workdir import save_hparams
@@ -318,8 +323,7 @@ def main(config: DistillConfig, workdir: Path, progress: bool) -> dict:
 
     phi0 = task.space.init(jnp.dtype(config.dtype))
     save_hparams(workdir, task.space, phi0, 0)
-    history = hg.tune(task, estimator_for(config), outer_for(config), key=key,
-                      meta_steps=config.meta_steps, clip=config.clip, progress=progress)
+    history = hg.tune(task, **tune_options(config) | {"key": key}, progress=progress)
     final, best = history.final, history.best
     save_hparams(workdir, task.space, final.phi, config.meta_steps)
     base = baseline(config, problem, data, np.asarray(phi0[IMAGES]))

@@ -66,7 +66,7 @@ import hypergrad as hg
 from hypergrad.check import peak_bytes
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import NotConvergedWarning
-from hypergrad.experiment import Experiment, Problem, outer_for
+from hypergrad.experiment import Experiment, Problem, tune_options
 from hypergrad.plots import save_figure
 from hypergrad.task import classification
 from hypergrad.unroll import objective
@@ -201,8 +201,7 @@ def tune(config: CleaningConfig, task: hg.Task, est) -> dict:
     """``meta_steps`` outer steps on ``est``'s hypergradient (:func:`hg.tune`); the learned
     weights (the History's final point) and the time per meta-step after the first (which
     compiles)."""
-    history = hg.tune(task, est, outer_for(config), key=jax.random.key(config.seed),
-                      meta_steps=config.meta_steps, clip=config.clip)
+    history = hg.tune(task, **tune_options(config) | {"estimator": est})
     timed = history.seconds[1:] if len(history.seconds) > 1 else history.seconds
     return {"phi": history.final.phi, "val_loss": [float(v) for v in history.val_loss],
             "seconds": float(np.sum(history.seconds)),

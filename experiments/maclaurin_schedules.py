@@ -55,7 +55,13 @@ from jax.flatten_util import ravel_pytree
 import hypergrad as hg
 from hypergrad.check import memory_bytes
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
+from hypergrad.experiment import (
+    Experiment,
+    Problem,
+    estimator_for,
+    trained_scores,
+    tune_options,
+)
 from hypergrad.plots import save_figure
 from hypergrad.task import classification
 from hypergrad.workdir import save_hparams
@@ -155,9 +161,7 @@ def tune(config: MaclaurinConfig, problem: Problem, progress: bool = False) -> d
     Returns the trajectory, the final point and the best point (the incumbent, as a search
     would report it) of the History.
     """
-    history = hg.tune(problem.task, estimator_for(config), outer_for(config),
-                      key=jax.random.key(config.seed), meta_steps=config.meta_steps,
-                      clip=config.clip, progress=progress)
+    history = hg.tune(problem.task, **tune_options(config), progress=progress)
     return {"val_loss": [float(v) for v in history.val_loss],
             "accepted": history.accepted.tolist(),
             "seconds": np.cumsum(history.seconds).tolist(),

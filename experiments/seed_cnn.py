@@ -46,7 +46,12 @@ import numpy as np
 
 import hypergrad as hg
 from hypergrad.config import Config, ConfigError, parse_widths
-from hypergrad.experiment import Experiment, Problem, estimator_for, outer_for, trained_scores
+from hypergrad.experiment import (
+    Experiment,
+    Problem,
+    trained_scores,
+    tune_options,
+)
 from hypergrad.plots import save_figure
 from hypergrad.task import seed_cnn
 
@@ -187,8 +192,7 @@ def main(config: SeedMnistConfig, workdir: Path, progress: bool) -> dict:
               flush=True)
     for name in config.outer_list():
         run = dataclasses.replace(config, outer=name)
-        history = hg.tune(task, estimator_for(run), outer_for(run), key=key,
-                          meta_steps=config.meta_steps, clip=config.clip, progress=progress)
+        history = hg.tune(task, **tune_options(run) | {"key": key}, progress=progress)
         best, final = history.best, history.final
         entry = {
             "val_loss": [None if not math.isfinite(v) else float(v) for v in history.val_loss],

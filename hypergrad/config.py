@@ -106,6 +106,9 @@ class Config:
         :func:`hypergrad.search.box` and start from the best of them and the configured
         values (0: start at the configured values); a single run (``population=1``).
         See :func:`hypergrad.search.explore`.
+      budget: wall-clock seconds for the tuning (compilation included; ``meta_steps`` still
+        caps the meta-steps): no meta-step starts that is expected to end past it; ``none``
+        (default) runs ``meta_steps``. See :func:`hypergrad.tune`.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
@@ -154,6 +157,7 @@ class Config:
     online: bool = False
     resample: bool = False
     explore: int = 0
+    budget: float | None = None
     population: int = 1
     population_spread: float = 0.5
     population_seeds: bool = False
@@ -253,6 +257,9 @@ class Config:
             raise ConfigError("population > 1 does not support online=true; tune one "
                               "population member online, or set online=false")
         _at_least(self, "explore", 0)
+        if self.budget is not None and not 0 < self.budget < math.inf:
+            raise ConfigError(f"budget must be a positive number of seconds (or none), got "
+                              f"{self.budget:g}")
         if self.explore and self.population > 1:
             raise ConfigError("explore picks one start; with population > 1 set explore=0 "
                               "(members start around the configured values)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from hypergrad import estimators, outer
@@ -128,6 +129,27 @@ def outer_for(config: Config) -> optax.GradientTransformationExtraArgs:
     """The hyper-update a config asks for, with the step of ``outer_lr`` (or its default).
     Clipping (``clip``) is :func:`hypergrad.tune`'s."""
     return outer.by_name(config.outer, config.outer_lr)
+
+
+def keys_for(config: Config) -> jax.Array:
+    """One key, or with ``population_seeds`` one per member (``key(seed + m)``)."""
+    if config.population > 1 and config.population_seeds:
+        return jax.vmap(jax.random.key)(config.seed + jnp.arange(config.population))
+    return jax.random.key(config.seed)
+
+
+def tune_options(config: Config) -> dict[str, Any]:
+    """The keyword arguments of :func:`hypergrad.tune` a config asks for: the one mapping
+    from a config to the tuning loop (``hypergrad run`` and the experiments use it, so
+    none drops a key): ``hg.tune(task, **tune_options(config))``."""
+    return {"estimator": estimator_for(config), "outer": outer_for(config),
+            "key": keys_for(config),
+            "meta_steps": None if config.online else config.meta_steps,
+            "budget": config.budget,
+            "population": None if config.population == 1 else config.population,
+            "spread": config.population_spread, "devices": config.devices,
+            "online": config.online, "resample": config.resample, "clip": config.clip,
+            "explore": config.explore}
 
 
 def build(experiment: Experiment, config: Config) -> Problem:

@@ -30,7 +30,9 @@ from hypergrad.experiment import (
     build,
     estimator_for,
     get_experiment,
+    keys_for,
     outer_for,
+    tune_options,
 )
 from hypergrad.tune import (
     Guard,
@@ -44,7 +46,7 @@ from hypergrad.tune import (
 )
 from hypergrad.unroll import objective
 
-RESUMABLE_KEYS = ("meta_steps",)  # the only keys a resumed run may change
+RESUMABLE_KEYS = ("meta_steps", "budget")  # the only keys a resumed run may change
 
 
 class Interrupted(RuntimeError):
@@ -79,13 +81,6 @@ def use_determinism(config: Config) -> None:
         raise ConfigError(f"deterministic=true must be set before JAX starts: set "
                           f"XLA_FLAGS={DETERMINISTIC_FLAG} in the environment instead")
     os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
-
-
-def keys_for(config: Config) -> jax.Array:
-    """One key, or with ``population_seeds`` one per member (``key(seed + m)``)."""
-    if config.population > 1 and config.population_seeds:
-        return jax.vmap(jax.random.key)(config.seed + jnp.arange(config.population))
-    return jax.random.key(config.seed)
 
 
 def _scorer(problem: Problem, online: bool, mesh, size: int):
@@ -247,13 +242,10 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TuneWarning)  # summary says it
-            history = tune(
-                task, est, opt, key=key, population=population,
-                meta_steps=None if config.online else config.meta_steps,
-                devices=config.devices, online=config.online, resample=config.resample,
-                clip=config.clip,
-                guard=Guard(max_rejections=max_rejections), callback=callback,
-                progress=progress, state=state)
+            options = tune_options(config) | {"estimator": est, "outer": opt, "key": key,
+                                              "explore": 0}  # explored above
+            history = tune(task, **options, guard=Guard(max_rejections=max_rejections),
+                           callback=callback, progress=progress, state=state)
     state = history.state
     assert state is not None
     done = int(population_lib.host(state.meta_step)[0])

@@ -302,7 +302,7 @@ class _Run:
     def loop(self, state, *, meta_steps, budget, began, callback, progress, phi0) -> History:
         from tqdm.auto import tqdm
 
-        task, space, guard = self.task, self.task.space, self.guard
+        space, guard = self.task.space, self.guard
         state = population_lib.put(population_lib.host(state), self.mesh)
         self.build(float(np.max(population_lib.host(state.sigma))), self._cap(state))
         done = self.done = int(np.asarray(population_lib.host(state.meta_step))[0])
@@ -451,8 +451,9 @@ class _Run:
         fresh outer state and step, re-anchored (the smoothed loss is another objective)."""
         opt = jax.jit(jax.vmap(self.outer.init))(host.last_phi)
         live = (host.retired == ACTIVE) | (host.retired == RETIRED_CHAOTIC)
-        sel = lambda a, b: np.where(  # noqa: E731
-            live.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b)
+        def sel(a: Any, b: Any) -> Any:
+            return np.where(live.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b)
+
         opt = population_lib.host(opt)
         return host._replace(
             phi=jax.tree.map(sel, host.last_phi, host.phi),

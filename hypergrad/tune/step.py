@@ -40,8 +40,8 @@ from hypergrad.tune.guard import (
     RETIRED_CHAOTIC,
     RETIRED_CONVERGED,
     RETIRED_REJECTED,
-    RETIRED_START,
     RETIRED_STALLED,
+    RETIRED_START,
     Guard,
 )
 from hypergrad.unroll import objective, segment, start
