@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,11 @@ def tune_each(config: ChaosConfig, problem: Problem, progress: bool,
     out = {}
     for name, est in estimators(config).items():
         online = name == "pes"
-        history = hg.tune(task, **tune_options(config) | {
-            "estimator": est, "key": key, "online": online,
-            "meta_steps": None if online else config.meta_steps}, progress=progress)
+        with warnings.catch_warnings():  # a stop or a returned start is reported below
+            warnings.simplefilter("ignore", hg.TuneWarning)
+            history = hg.tune(task, **tune_options(config) | {
+                "estimator": est, "key": key, "online": online,
+                "meta_steps": None if online else config.meta_steps}, progress=progress)
         val_loss = [_finite(float(v)) for v in history.val_loss]
         best_phi, best_step = history.best.phi, history.best.meta_step
         extra: dict[str, Any] = {}
@@ -222,6 +225,7 @@ def tune_each(config: ChaosConfig, problem: Problem, progress: bool,
             "learning_rate": [float(v) for v in np.asarray(history.hparams["learning_rate"])],
             "seconds": float(np.sum(history.seconds)),
             "stopped": history.stopped,
+            "diagnosis": history.diagnosis,
             "online": online,
             "final_meta_step": history.final.meta_step,
             "best_meta_step": best_step,

@@ -112,15 +112,15 @@ def hyper_update(name: str, config: SeedRecurrenceConfig) -> optax.GradientTrans
 
 def trajectory(task: hg.Task, opt, config: SeedRecurrenceConfig, key) -> dict:
     """Run ``meta_steps`` meta-steps of :func:`hg.tune`, unclipped; stop at the first
-    refused one (a guard that retires after one rejection, with no divergence checks: the
-    recurrence is watched, not steered).
+    refused one (a guard that retires after one rejection, with no divergence checks and
+    no trust region: the recurrence is watched, not steered).
 
     Returns per meta-step t the slope ``a_t``, the validation loss at it, the
     hypergradient ``b_t`` and the seconds taken; after the last meta-step the final slope
     and its validation loss; ``stopped`` says why a run ended early (else ``None``).
     """
     guard = hg.Guard(max_rejections=1, value_ratio=math.inf, grad_ratio=math.inf,
-                     max_phi=config.max_slope)
+                     max_phi=config.max_slope, tolerance=math.inf)
     phi = task.space.init(jnp.dtype(config.dtype))
     try:
         with warnings.catch_warnings():  # a stop is an outcome here, reported below

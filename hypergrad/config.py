@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 
 LOSSES = ("mse", "ce")
+#: The strategies a config can name (:data:`hypergrad.tune.strategies.BY_NAME`).
+STRATEGIES = ("local", "explore-refine")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
 MAX_INT = 2**31 - 1
@@ -109,6 +111,11 @@ class Config:
       budget: wall-clock seconds for the tuning (compilation included; ``meta_steps`` still
         caps the meta-steps): no meta-step starts that is expected to end past it; ``none``
         (default) runs ``meta_steps``. See :func:`hypergrad.tune`.
+      strategy: ``local`` (default: one run from the configured values, or a population
+        around them) or ``explore-refine`` (the default of ``hg.tune``: explore the search
+        box, then refine the best starts, ``population`` of them at once; with
+        ``explore=N`` it explores N configurations, else 30% of ``budget`` or 24
+        configurations). See :mod:`hypergrad.tune.strategies`.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
@@ -158,6 +165,7 @@ class Config:
     resample: bool = False
     explore: int = 0
     budget: float | None = None
+    strategy: str = "local"
     population: int = 1
     population_spread: float = 0.5
     population_seeds: bool = False
@@ -226,6 +234,7 @@ class Config:
             raise ConfigError(f"solver {self.solver} needs solver_step (for example the "
                               "inner learning rate): --set solver_step=0.01")
         _one_of(self, "outer", outer.NAMES)
+        _one_of(self, "strategy", STRATEGIES)
         _one_of(self, "loss", LOSSES)
         _one_of(self, "hvp", HVP_MODES)
         try:
@@ -260,7 +269,9 @@ class Config:
         if self.budget is not None and not 0 < self.budget < math.inf:
             raise ConfigError(f"budget must be a positive number of seconds (or none), got "
                               f"{self.budget:g}")
-        if self.explore and self.population > 1:
+        if self.strategy != "local" and self.online:
+            raise ConfigError("online tuning is one training run: set strategy=local")
+        if self.explore and self.population > 1 and self.strategy == "local":
             raise ConfigError("explore picks one start; with population > 1 set explore=0 "
                               "(members start around the configured values)")
         try:

@@ -138,10 +138,29 @@ def keys_for(config: Config) -> jax.Array:
     return jax.random.key(config.seed)
 
 
+def strategy_for(config: Config) -> Any:
+    """The strategy a config asks for: ``None`` for ``local`` (:func:`hypergrad.tune`
+    then runs :class:`~hypergrad.tune.strategies.Local` with ``population`` and
+    ``explore``), else :class:`~hypergrad.tune.strategies.ExploreRefine` refining
+    ``population`` starts at once after ``explore`` configurations (0: its default size)."""
+    if config.strategy == "local":
+        return None
+    from hypergrad.tune.strategies import DEFAULT, ExploreRefine
+
+    return ExploreRefine(members=config.population,
+                         explore=config.explore if config.explore else DEFAULT.explore)
+
+
 def tune_options(config: Config) -> dict[str, Any]:
     """The keyword arguments of :func:`hypergrad.tune` a config asks for: the one mapping
     from a config to the tuning loop (``hypergrad run`` and the experiments use it, so
     none drops a key): ``hg.tune(task, **tune_options(config))``."""
+    strategy = strategy_for(config)
+    if strategy is not None:
+        return {"estimator": estimator_for(config), "outer": outer_for(config),
+                "key": keys_for(config), "meta_steps": config.meta_steps,
+                "budget": config.budget, "strategy": strategy, "devices": config.devices,
+                "resample": config.resample, "clip": config.clip}
     return {"estimator": estimator_for(config), "outer": outer_for(config),
             "key": keys_for(config),
             "meta_steps": None if config.online else config.meta_steps,

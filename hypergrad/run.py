@@ -32,6 +32,7 @@ from hypergrad.experiment import (
     get_experiment,
     keys_for,
     outer_for,
+    strategy_for,
     tune_options,
 )
 from hypergrad.tune import (
@@ -41,6 +42,7 @@ from hypergrad.tune import (
     initial_state,
     json_safe,
     online_weights,
+    states,
     tune,
     with_key,
 )
@@ -170,11 +172,21 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     ckpt = workdir / files.CHECKPOINT
     phi = task.space.init(jnp.dtype(config.dtype))
     explored = None
-    if config.explore and not (resume and ckpt.exists()):
-        phi, explored = search.explore(task, key, config.explore, phi=phi)
-    template = initial_state(
-        task, est, opt, key=key, phi=phi, population=size,
-        spread=config.population_spread, online=config.online)
+    strategy = strategy_for(config)
+    plan = None
+    if strategy is not None and not (resume and ckpt.exists()):
+        keys_n = strategy.keys or (4 if task.stochastic and not config.resample else 1)
+        first = jax.random.wrap_key_data(population_lib.member_keys(key, size)[0])
+        plan = strategy.plan(task, first, phi, budget=config.budget, began=began, keys=keys_n)
+        explored = plan.explored
+        template = states(task, est, opt, plan.phis,
+                                   population_lib.member_keys(key, size), config.online)
+    else:
+        if config.explore and strategy is None and not (resume and ckpt.exists()):
+            phi, explored = search.explore(task, key, config.explore, phi=phi)
+        template = initial_state(
+            task, est, opt, key=key, phi=phi, population=size,
+            spread=config.population_spread, online=config.online)
     scorer = _scorer(problem, config.online, mesh, size)
     placed = population_lib.put(task, mesh, replicate=True)
 
@@ -242,10 +254,11 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TuneWarning)  # summary says it
-            options = tune_options(config) | {"estimator": est, "outer": opt, "key": key,
-                                              "explore": 0}  # explored above
+            options = tune_options(config) | {"estimator": est, "outer": opt, "key": key}
+            if strategy is None:
+                options["explore"] = 0  # explored above
             history = tune(task, **options, guard=Guard(max_rejections=max_rejections),
-                           callback=callback, progress=progress, state=state)
+                           callback=callback, progress=progress, state=state, plan=plan)
     state = history.state
     assert state is not None
     done = int(population_lib.host(state.meta_step)[0])

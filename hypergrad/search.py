@@ -332,7 +332,7 @@ def _optuna():
     return optuna
 
 
-def _label(path: tuple) -> str:
+def param_label(path: tuple) -> str:
     """``name``, or ``name/part/...`` for a leaf inside a hyperparameter's tree."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                     for k in path)
@@ -371,7 +371,7 @@ def tpe_search(
     flat_high = jax.tree.leaves(jax.device_get(high))
     entries = []
     for j, (path, leaf) in enumerate(flat_low):
-        label = _label(path)
+        label = param_label(path)
         for i in range(leaf.size):
             entries.append((label if leaf.ndim == 0 else f"{label}[{i}]", j, i))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -223,7 +223,8 @@ def snapshot(folder):
         (lambda w, t: ["run", "--resume", "--workdir", str(t / "missing")],
          "no run to resume in"),
         (lambda w, t: ["run", "--resume", "--workdir", str(w), "--set", "steps=5"],
-         "cannot resume with a changed config (steps 4 -> 5); only meta_steps may change"),
+         "cannot resume with a changed config (steps 4 -> 5); only meta_steps, budget may "
+         "change"),
         (lambda w, t: ["run", "--resume", "--workdir", str(w), "--set", "outer=gd"],
          "cannot resume with a changed config (outer 'adam' -> 'gd')"),
         (lambda w, t: ["run", "other", "--resume", "--workdir", str(w)],

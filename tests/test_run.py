@@ -137,3 +137,17 @@ def test_meta_step_compiles_once(outer):
                       meta_steps=4, callback=lambda record, state: counts.append(len(traces)))
     assert counts[0] > 0 and counts[-1] == counts[0]
     assert history.accepted.all()
+
+
+def test_the_explore_refine_strategy_and_a_budget_from_the_config(tmp_path):
+    # --set strategy=explore-refine --set explore=6 --set budget=...: the run explores,
+    # checkpoints the refinement's start, and resumes like any run.
+    config = QuadConfig(strategy="explore-refine", explore=6, meta_steps=3, budget=600.0)
+    summary = run(QUAD, config, tmp_path, progress=False)
+    assert summary["explored"]["evaluations"] == 7  # the start, then six draws
+    assert summary["final_val_loss"] <= summary["explored"]["best_val_loss"]
+    assert summary["initial_val_loss"] == pytest.approx(summary["explored"]["best_val_loss"])
+    resumed = run(QUAD, dataclasses.replace(config, meta_steps=5), tmp_path, progress=False,
+                  resume=True)
+    assert resumed["meta_steps_run"] == 5
+    assert resumed["final_val_loss"] <= summary["final_val_loss"] * (1 + 1e-3)  # tolerance

@@ -10,6 +10,7 @@ from hypergrad.tune.loop import (
     TuneWarning,
     default_estimator,
     initial_state,
+    states,
     tune,
 )
 from hypergrad.tune.step import (
@@ -27,5 +28,5 @@ from hypergrad.tune.strategies import ExploreRefine, Local, Plan
 __all__ = ["DEFAULT_BUDGET", "DEFAULT_CLIP", "DEFAULT_GUARD", "DEFAULT_STRATEGY",
            "ExploreRefine", "Guard", "History", "Local", "Plan", "Point", "RESCORE_KEYS",
            "TuneError", "TuneState", "TuneWarning", "default_estimator", "init_state",
-           "initial_state", "json_safe", "make_final", "make_step", "online_weights", "tune",
-           "with_key"]
+           "initial_state", "json_safe", "make_final", "make_step", "online_weights", "states",
+           "tune", "with_key"]

@@ -119,20 +119,23 @@ def initial_state(task: Task, estimator: Estimator, outer: optax.GradientTransfo
     keys = population_lib.member_keys(key, population)
     phis = jax.jit(population_lib.member_phis, static_argnums=(1,))(
         phi, population, spread, jax.random.wrap_key_data(keys[0]))
-    return _states(task, estimator, outer, phis, keys, online)
+    return states(task, estimator, outer, phis, keys, online)
 
 
-def _states(task, estimator, outer, phis, keys, online) -> TuneState:
+def states(task: Task, estimator: Estimator, outer: optax.GradientTransformation,
+           phis: PyTree, keys: jax.Array, online: bool = False) -> TuneState:
+    """The members' states before their first meta-step, at the stacked starts ``phis``
+    with one raw key per member (:func:`hypergrad.population.member_keys`)."""
     outer = optax.with_extra_args_support(outer)
 
     # One compiled program: run eagerly, the inits compile op by op, once per leaf.
     @jax.jit
-    def states(task, phis, keys):
+    def build(task, phis, keys):
         init = lambda p, k: init_state(task, estimator, outer, p,  # noqa: E731
                                        jax.random.wrap_key_data(k), online=online)
         return jax.vmap(init)(phis, keys)
 
-    return states(task, phis, keys)
+    return build(task, phis, keys)
 
 
 def tune(task: Task, estimator: Estimator | None = None,
@@ -143,7 +146,8 @@ def tune(task: Task, estimator: Estimator | None = None,
          online: bool = False, resample: bool = False, clip: float = DEFAULT_CLIP,
          explore: int = 0, guard: Guard = DEFAULT_GUARD,
          callback: Callable[[dict[str, Any], TuneState], None] | None = None,
-         progress: bool = False, state: TuneState | None = None) -> History:
+         progress: bool = False, state: TuneState | None = None,
+         plan: Plan | None = None) -> History:
     """Tune ``task``'s hyperparameters by hypergradient.
 
     ``tune(task, key=key, budget=60)`` uses every default; ``tune(task, estimator, outer,
@@ -196,6 +200,9 @@ def tune(task: Task, estimator: Estimator | None = None,
       progress: show a progress bar.
       state: continue from this state (``history.state``, or a checkpoint's) instead of
         starting; ``meta_steps`` counts from the run's start.
+      plan: with ``state``, the strategy's plan it was made from (its queue of starts,
+        exploration and scored start), where the caller made it beforehand
+        (``hypergrad run`` checkpoints the start before the first meta-step).
 
     Returns:
       a :class:`History`.
@@ -211,6 +218,8 @@ def tune(task: Task, estimator: Estimator | None = None,
     explicit = estimator is not None or outer is not None
     strategy = _strategy(strategy, explicit=explicit, population=population, spread=spread,
                          explore=explore, online=online, state=state)
+    if plan is not None and state is None:
+        raise ValueError("plan comes with the state made from it: pass state= too")
     estimator = default_estimator(task) if estimator is None else estimator
     outer = outer_lib.DEFAULT if outer is None else outer
     if isinstance(outer, str):
@@ -244,15 +253,16 @@ def tune(task: Task, estimator: Estimator | None = None,
                                online=online, resample=resample, clip=clip, guard=guard,
                                keys=keys_n)
         plan = strategy.plan(task, key, phi0, budget=budget, began=began, keys=keys_n)
-    else:
-        plan = Plan(None, population, None, [], None)
+    elif plan is None:
+        n = int(np.shape(state.meta_step)[0])
+        plan = Plan(None, None if n == 1 and population is None else n, None, [], None)
     size = 1 if plan.population is None else int(plan.population)
     if size < 1:
         raise ValueError(f"population must be at least 1, got {plan.population}")
     mesh = population_lib.make_mesh(population_lib.device_count(size, devices))
     keys = population_lib.member_keys(key, size)
     if state is None:
-        state = _states(task, estimator, outer, plan.phis, keys, online)
+        state = states(task, estimator, outer, plan.phis, keys, online)
     run = _Run(task, estimator, outer, strategy, guard, mesh, size, plan, key, keys,
                online=online, resample=resample, clip=clip, keys_n=keys_n, early=early)
     return run.loop(state, meta_steps=meta_steps, budget=budget, began=began,
@@ -304,7 +314,6 @@ class _Run:
 
         space, guard = self.task.space, self.guard
         state = population_lib.put(population_lib.host(state), self.mesh)
-        self.build(float(np.max(population_lib.host(state.sigma))), self._cap(state))
         done = self.done = int(np.asarray(population_lib.host(state.meta_step))[0])
         limit = sys.maxsize if meta_steps is None else meta_steps
         metrics_list: list[dict[str, Any]] = []
@@ -326,10 +335,14 @@ class _Run:
                         time.perf_counter() - began + 1.5 * seconds[-1] > budget:
                     stop_reason = "budget"
                     break
-                if budget is not None and time.perf_counter() - began >= budget:
-                    stop_reason = "budget"
+                if budget is not None and time.perf_counter() - began >= budget and (
+                        seconds or self.plan.explored is not None):
+                    stop_reason = "budget"  # (a run with nothing scored yet takes one step)
                     break
                 t0 = time.perf_counter()
+                if self.step is None:  # built when needed: waits for an early compilation
+                    self.build(float(np.max(population_lib.host(state.sigma))),
+                               self._cap(state))
                 state, m = self.step(self.placed, state, self.keys)
                 m = population_lib.host(m)
                 before, retired = retired, np.asarray(population_lib.host(state.retired))
@@ -357,8 +370,11 @@ class _Run:
                 i += 1
         if stop_reason == "budget":
             self.diagnosis.append(f"budget spent: {budget:g} s after {i} meta-steps")
-        end_values = np.asarray(population_lib.host(self.final(self.placed, state, self.keys)),
-                                float)
+        if metrics_list:
+            end_values = np.asarray(population_lib.host(
+                self.final(self.placed, state, self.keys)), float)
+        else:  # no step was taken: nothing moved
+            end_values = np.full(self.size, np.nan)
         return self.history(population_lib.host(state), metrics_list, records, seconds, clock,
                             end_values, stopped, stop_reason, state, phi0)
 
@@ -425,7 +441,7 @@ class _Run:
         return population_lib.put(host, self.mesh)
 
     def _restart(self, host: TuneState, j: int, phi: PyTree) -> TuneState:
-        fresh = population_lib.host(_states(
+        fresh = population_lib.host(states(
             self.task, self.estimator, self.outer,
             jax.tree.map(lambda a: jnp.asarray(a)[None], phi), self.raw_keys[j:j + 1],
             self.online))
@@ -508,13 +524,25 @@ class _Run:
             if final is None:
                 finals[-1] = final = best
             bests.append(final if final.val_loss < best.val_loss else best)
+        explored = self.plan.explored
+        if explored is not None and np.isfinite(explored.best_val_loss):
+            # The exploration's best is a scored point too: the answer when the budget
+            # ended before the refinement found better (or took a step).
+            i = explored.best_index
+            p = jax.tree.map(lambda a: np.asarray(a[i]), explored.phi)
+            seen = Point(-1, explored.best_val_loss, p, _natural(space, p))
+            if all(f is None for f in finals):
+                finals[0] = seen
+            if bests[0] is None or bests[0].val_loss > seen.val_loss:
+                bests[0] = seen
         if all(p is None for p in finals):
             raise TuneError(stopped or "no meta-step was accepted")
         start = self._start(metrics, phi0)
         diagnosis = self.diagnosis
-        if deterministic and start is not None:
+        if trust and start is not None:
             # Never worse than the start: where a final point is (the smoothed objective
-            # accepted it), the member's best stands in.
+            # accepted it), the member's best stands in. (Without the trust region the
+            # run is watched, not steered: its final point is where it went.)
             for j, (f, b) in enumerate(zip(finals, bests, strict=True)):
                 if f is not None and b is not None and f.val_loss > start.val_loss:
                     finals[j] = b
@@ -567,17 +595,14 @@ class _Run:
     def _rescore(self, finals, bests, start):
         """Every candidate (each member's final and best point, the start) scored on
         :data:`RESCORE_KEYS` fresh keys: the mean and its standard error."""
-        stream = jax.random.fold_in(self.key, _RESCORE_STREAM)
-        ks = jax.vmap(lambda r: jax.random.fold_in(stream, r))(jnp.arange(RESCORE_KEYS))
-
-        @jax.jit
-        def scores(task, phi):
-            return jax.vmap(lambda k: objective(task, phi, k)[0])(ks)
+        ks = strategies_lib.scoring_keys(jax.random.fold_in(self.key, _RESCORE_STREAM),
+                                         RESCORE_KEYS)
 
         def again(p: Point | None) -> Point | None:
             if p is None:
                 return None
-            v = np.asarray(scores(self.task, jax.tree.map(jnp.asarray, p.phi)), float)
+            v = np.asarray(strategies_lib.losses(self.task, jax.tree.map(jnp.asarray, p.phi),
+                                                 ks), float)
             v = np.where(np.isfinite(v), v, np.inf)
             se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if np.isfinite(v).all() \
                 else math.inf
@@ -592,12 +617,17 @@ def _compile_early(task, estimator, outer, strategy, phi0, key, devices, **optio
     tens of training runs, and the exploration leaves a core to it); ``None`` where the
     shapes are not known in advance (a population sharded over devices)."""
     members = getattr(strategy, "members", None)
-    size = 1 if members is None or members == 1 else int(members)
-    if population_lib.device_count(size, devices) > 1 or getattr(strategy, "explore", 0) == 0:
-        return None
+    if members is None or not getattr(strategy, "explore", 0):
+        return None  # nothing to overlap the compilation with
+    size = int(members)
+    try:
+        if population_lib.device_count(size, devices) > 1:
+            return None
+    except population_lib.DeviceError:
+        return None  # the loop says what is wrong with the devices
     keys = population_lib.member_keys(key, size)
     phis = jax.tree.map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), phi0)
-    template = jax.eval_shape(lambda: _states(task, estimator, outer, phis, keys,
+    template = jax.eval_shape(lambda: states(task, estimator, outer, phis, keys,
                                               options["online"]))
     fn = population_lib.vmapped(with_key(make_step(estimator, outer, **options)), None, size)
     final = population_lib.vmapped(with_key(make_final(

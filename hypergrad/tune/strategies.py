@@ -156,28 +156,41 @@ class ExploreRefine:
         starts = _distinct([phis[j] for j in order], low, high)
         if not starts:
             starts = [phis[0]]
-        size = max(1, min(int(self.members), len(starts)))
-        chosen, queue = starts[:size], starts[size:]
+        size = max(1, int(self.members))
+        # Fewer distinct starts than members: the best ones again (a population's shape
+        # is fixed before the exploration ends).
+        chosen = [starts[m % len(starts)] for m in range(size)]
+        queue = starts[size:]
         like = lambda p: jax.tree.map(  # noqa: E731
             lambda a, b: jnp.asarray(a, jnp.result_type(b)), p, phi)
         stacked_starts = jax.tree.map(lambda *a: jnp.stack(a), *[like(p) for p in chosen])
-        return Plan(stacked_starts, None if int(self.members) == 1 else size, explored,
+        return Plan(stacked_starts, None if size == 1 else size, explored,
                     [like(p) for p in queue], float(loss[0]))
+
+
+@jax.jit
+def losses(task: Task, phi: PyTree, keys: jax.Array) -> jax.Array:
+    """The validation loss after training with ``phi``, once per key of ``keys`` (a
+    stacked key array): one compiled program per task and number of keys, shared by the
+    exploration and the re-scoring of a stochastic task's points."""
+    return jax.vmap(lambda k: objective(task, phi, k)[0])(keys)
+
+
+def scoring_keys(key: jax.Array, keys: int) -> jax.Array:
+    """The keys a configuration is scored on: ``key`` alone, or ``fold_in(key, k)`` for
+    ``k < keys`` (as the meta-step's mean over keys)."""
+    if keys == 1:
+        return key[None]
+    return jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(keys))
 
 
 def scorer(task: Task, key: jax.Array, keys: int):
     """``evaluate(phi) -> float``: the validation loss after training (the mean over
-    ``fold_in(key, k)`` for ``keys > 1``; ``inf`` where not finite), compiled once."""
-
-    @jax.jit
-    def loss(task, phi, key):
-        if keys == 1:
-            return objective(task, phi, key)[0]
-        ks = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(keys))
-        return jnp.mean(jax.vmap(lambda k: objective(task, phi, k)[0])(ks))
+    :func:`scoring_keys`; ``inf`` where not finite), compiled once."""
+    ks = scoring_keys(key, keys)
 
     def evaluate(phi) -> float:
-        v = float(loss(task, phi, key))
+        v = float(np.mean(np.asarray(losses(task, phi, ks))))
         return v if math.isfinite(v) else math.inf
 
     return evaluate
