@@ -104,9 +104,9 @@ class History:
     def trace(self) -> Any:
         """Every point the run evaluated, in order, as a
         :class:`hypergrad.search.SearchResult` (``method="hypergrad"``): the exploration
-        phase's configurations, then each meta-step's points (every member's; a point the
-        guard rejected for a non-finite or divergent loss counts as ``inf``), with the
-        seconds since :func:`tune` was called at which each was known. Comparable with a
+        search's configurations and each meta-step's points (every member's; a point the
+        guard rejected for a non-finite or divergent loss counts as ``inf``), ordered by
+        the seconds since :func:`tune` was called at which each was known. Comparable with a
         black-box search's result under the same budget."""
         from hypergrad.search import SearchResult
 
@@ -132,6 +132,11 @@ class History:
                     seconds.append(float(clock[i]))
         if not phis:
             phis, losses, seconds = [self.best.phi], [self.best.val_loss], [0.0]
+        # The black-box search may run between meta-steps: in the order they were known.
+        order = np.argsort(np.asarray(seconds, float), kind="stable")
+        phis = [phis[k] for k in order]
+        losses = [losses[k] for k in order]
+        seconds = [seconds[k] for k in order]
         stacked = jax.tree.map(lambda *a: np.stack(a), *phis)
         return SearchResult("hypergrad", stacked, np.asarray(losses, float),
                             np.asarray(seconds, float))

@@ -69,6 +69,9 @@ DEFAULT_BUDGET = 60.0
 RESCORE_KEYS = 4
 _RESCORE_STREAM = 0x5C0E  # folded into the key: the re-scoring keys train nothing else
 _RESTART_SPREAD = 0.5
+#: Each round of sharing time with the black-box search, the gains and seconds so far
+#: are multiplied by this: the recent rounds count most.
+_DECAY = 0.8
 
 
 class TuneError(RuntimeError):
@@ -292,6 +295,10 @@ class _Run:
         self.step: Any = None
         self.done = 0
         self.early = early
+        self.gains = {"refine": 0.0, "refine_s": 0.0, "explore": 0.0, "explore_s": 0.0}
+        searcher = plan.searcher
+        self.incumbent = math.inf if searcher is None else float(searcher.best()[1])
+        self.restarted_at = self.incumbent
 
     def _step_fn(self, sigma: float, cap: float | None):
         return with_key(make_step(
@@ -367,6 +374,9 @@ class _Run:
                 if newly.size and stopped is None:
                     state = self.react(state, newly, i)
                     retired = np.asarray(population_lib.host(state.retired))
+                if self.plan.searcher is not None and stopped is None:
+                    state = self.share(state, m, seconds[-1], i, budget, began)
+                    retired = np.asarray(population_lib.host(state.retired))
                 i += 1
         if stop_reason == "budget":
             self.diagnosis.append(f"budget spent: {budget:g} s after {i} meta-steps")
@@ -377,6 +387,51 @@ class _Run:
             end_values = np.full(self.size, np.nan)
         return self.history(population_lib.host(state), metrics_list, records, seconds, clock,
                             end_values, stopped, stop_reason, state, phi0)
+
+    # -- sharing the time with the black-box search ----------------------------------
+
+    def share(self, state, m, seconds: float, i: int, budget, began):
+        """After a meta-step of ``seconds``, let the strategy's black-box search run for
+        ``seconds * share / (1 - share)``, ``share`` its part of the time: the fraction of
+        the recent gains per second (decayed by :data:`_DECAY` each round) that were its,
+        kept within [0.2, 0.8] so neither side starves. Where the search finds a point
+        below every member's best, the worst member restarts there."""
+        searcher, acc = self.plan.searcher, self.gains
+        ok = np.asarray(m["point_ok"], bool)
+        values = np.where(ok, np.asarray(m["val_loss"], float), np.inf)
+        if values.min() < self.incumbent:
+            acc["refine"] += self.incumbent - values.min()
+            self.incumbent = float(values.min())
+        acc["refine_s"] += seconds
+        rate = {k: acc[k] / max(acc[k + "_s"], 1e-9) for k in ("refine", "explore")}
+        total = rate["refine"] + rate["explore"]
+        part = 0.5 if total <= 0 else min(0.8, max(0.2, rate["explore"] / total))
+        slot = seconds * part / (1.0 - part)
+        if budget is not None:
+            slot = min(slot, budget - (time.perf_counter() - began) - 1.5 * seconds)
+        if slot <= 0:
+            return state
+        t0 = time.perf_counter()
+        found = searcher.run(until=t0 + slot)
+        acc["explore_s"] += time.perf_counter() - t0
+        if min(found) < self.incumbent:
+            acc["explore"] += self.incumbent - min(found)
+            self.incumbent = float(min(found))
+        for k in list(acc):
+            acc[k] *= _DECAY
+        host = population_lib.host(state)
+        phi, value = searcher.best()
+        if value < float(np.min(host.best_value)) and value < self.restarted_at:
+            j = int(np.argmax(np.where(np.isfinite(host.best_value), host.best_value, np.inf)))
+            who = "the run" if self.population is None else f"member {j}"
+            self.diagnosis.append(
+                f"meta-step {i}: the black-box search found {value:.6g}, below the "
+                f"refinement's best {float(np.min(host.best_value)):.6g}; {who} restarted there")
+            self.restarted_at = value
+            like = jax.tree.map(lambda a, b: np.asarray(a, np.asarray(b).dtype), phi,
+                                _at(host.phi, 0))
+            return population_lib.put(self._restart(host, j, like), self.mesh)
+        return state
 
     # -- members that stop ----------------------------------------------------------
 
@@ -524,7 +579,8 @@ class _Run:
             if final is None:
                 finals[-1] = final = best
             bests.append(final if final.val_loss < best.val_loss else best)
-        explored = self.plan.explored
+        explored = self.plan.explored if self.plan.searcher is None else \
+            self.plan.searcher.result()
         if explored is not None and np.isfinite(explored.best_val_loss):
             # The exploration's best is a scored point too: the answer when the budget
             # ended before the refinement found better (or took a step).
@@ -566,7 +622,7 @@ class _Run:
             diagnosis.append(stopped)
         return _assemble(space, metrics, records, seconds, clock, population, self.size,
                          best, final, bests, finals, stopped, stop_reason, diagnosis,
-                         self.plan.explored, start, state, self.strategy.name)
+                         explored, start, state, self.strategy.name)
 
     def _plain(self, metrics, step: int, j: int, fallback: float) -> float:
         """The plain validation loss evaluated at meta-step ``step`` (member ``j``) by this

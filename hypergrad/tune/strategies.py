@@ -52,6 +52,9 @@ class Plan(NamedTuple):
       queue: further starts, best first, for members that stop.
       start: the validation loss of the run's starting point (``phi``) where the plan
         scored it, else ``None``.
+      searcher: the black-box search that explored, to go on between meta-steps (the
+        loop shares the time between it and the refinement by their recent gains), or
+        ``None``.
     """
 
     phis: PyTree
@@ -59,6 +62,7 @@ class Plan(NamedTuple):
     explored: search.SearchResult | None
     queue: list[PyTree]
     start: float | None
+    searcher: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,27 +135,13 @@ class ExploreRefine:
                 (self.explore_default, math.inf)
         else:
             count, until = int(self.explore), math.inf
-        evaluate = scorer(task, key, keys)
         low, high = search.box(task.space, self.bounds, jnp.result_type(
             *jax.tree.leaves(phi)))
-        tied = _size(phi) > TIED_ABOVE
-        block_size = count or 64  # a Latin hypercube per block of draws
-        phis, losses = [jax.device_get(phi)], [evaluate(phi)]
-        seconds = [time.perf_counter() - began]
-        i, block = 0, None
-        while count is None or i < count:
-            if count is None and time.perf_counter() >= until:
-                break
-            if i % block_size == 0:
-                block = space_filling(low, high, block_size,
-                                      jax.random.fold_in(key, i // block_size), tied=tied)
-            phis.append(jax.tree.map(lambda a, j=i % block_size: a[j], block))
-            losses.append(evaluate(phis[-1]))
-            seconds.append(time.perf_counter() - began)
-            i += 1
-        stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *phis)
-        loss = np.asarray(losses, float)
-        explored = search.SearchResult("explore", stacked, loss, np.asarray(seconds))
+        searcher = Searcher(task, key, keys, low, high, began)
+        searcher.add(jax.device_get(phi))
+        searcher.run(count=count, until=until)
+        explored = searcher.result()
+        phis, loss = searcher.phis, explored.val_loss
         order = [int(j) for j in np.argsort(loss, kind="stable") if np.isfinite(loss[j])]
         starts = _distinct([phis[j] for j in order], low, high)
         if not starts:
@@ -165,7 +155,86 @@ class ExploreRefine:
             lambda a, b: jnp.asarray(a, jnp.result_type(b)), p, phi)
         stacked_starts = jax.tree.map(lambda *a: jnp.stack(a), *[like(p) for p in chosen])
         return Plan(stacked_starts, None if size == 1 else size, explored,
-                    [like(p) for p in queue], float(loss[0]))
+                    [like(p) for p in queue], float(loss[0]), searcher)
+
+
+class Searcher:
+    """A black-box search of the box ``[low, high]`` (in ``phi`` coordinates) that keeps
+    every evaluation: Latin-hypercube draws over the whole box first, then a mixture of
+    those (a quarter) and Gaussian perturbations of the best points so far (a parent
+    drawn by rank among the best five, a radius drawn log-uniformly between 1% and 30% of
+    the box's width: several scales at once, nothing to adapt), clipped to the box. Large
+    spaces (more than :data:`TIED_ABOVE` scalars) are searched one value per
+    hyperparameter name, as the black-box baselines search a reduction."""
+
+    def __init__(self, task: Task, key: jax.Array, keys: int, low: PyTree, high: PyTree,
+                 began: float):
+        self.evaluate = scorer(task, key, keys)
+        self.low, self.high = jax.device_get(low), jax.device_get(high)
+        self.tied = _size(low) > TIED_ABOVE
+        self.key, self.began = key, began
+        self.rng = np.random.default_rng(
+            np.asarray(jax.random.key_data(key)).ravel().tolist() + [0x5EA]).spawn(1)[0]
+        self.global_first = max(8, min(2 * _size(low), 32))
+        self.phis: list[PyTree] = []
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self.block: PyTree = None
+        self.drawn = 0
+
+    def add(self, phi: PyTree) -> float:
+        """Score ``phi`` and keep it; its loss (``inf`` where not finite)."""
+        loss = self.evaluate(phi)
+        self.phis.append(phi)
+        self.losses.append(loss)
+        self.seconds.append(time.perf_counter() - self.began)
+        return loss
+
+    def best(self) -> tuple[PyTree, float]:
+        i = int(np.argmin(self.losses))
+        return self.phis[i], self.losses[i]
+
+    def draw(self) -> PyTree:
+        """The next configuration to score."""
+        local = len(self.losses) > self.global_first and self.rng.uniform() >= 0.25
+        if local and np.isfinite(np.min(self.losses)):
+            ranked = np.argsort(self.losses, kind="stable")[:5]
+            weights = 1.0 / (1.0 + np.arange(len(ranked)))
+            parent = self.phis[int(self.rng.choice(ranked, p=weights / weights.sum()))]
+            radius = math.exp(self.rng.uniform(math.log(0.01), math.log(0.3)))
+
+            def move(p, lo, hi):
+                p, lo, hi = np.asarray(p), np.asarray(lo), np.asarray(hi)
+                shape = () if self.tied else p.shape
+                step = radius * (hi - lo) * self.rng.normal(size=shape)
+                return np.clip(p + step, lo, hi).astype(p.dtype)
+
+            return jax.tree.map(move, parent, self.low, self.high)
+        size = 64
+        if self.drawn % size == 0:
+            self.block = space_filling(self.low, self.high, size,
+                                       jax.random.fold_in(self.key, self.drawn // size),
+                                       tied=self.tied)
+        phi = jax.tree.map(lambda a, j=self.drawn % size: np.asarray(a[j]), self.block)
+        self.drawn += 1
+        return phi
+
+    def run(self, *, count: int | None = None, until: float = math.inf) -> list[float]:
+        """Score ``count`` draws, or draws until the clock reads ``until`` (at least one
+        when ``count`` is None); their losses."""
+        out: list[float] = []
+        while True:
+            if count is not None and len(out) >= count:
+                break
+            if count is None and out and time.perf_counter() >= until:
+                break
+            out.append(self.add(self.draw()))
+        return out
+
+    def result(self) -> search.SearchResult:
+        stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *self.phis)
+        return search.SearchResult("explore", stacked, np.asarray(self.losses, float),
+                                   np.asarray(self.seconds, float))
 
 
 @jax.jit
