@@ -175,7 +175,7 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     strategy = strategy_for(config)
     plan = None
     if strategy is not None and not (resume and ckpt.exists()):
-        keys_n = strategy.keys or (4 if task.stochastic and not config.resample else 1)
+        keys_n = strategy.keys
         first = jax.random.wrap_key_data(population_lib.member_keys(key, size)[0])
         plan = strategy.plan(task, first, phi, budget=config.budget, began=began, keys=keys_n)
         explored = plan.explored

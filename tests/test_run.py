@@ -145,9 +145,12 @@ def test_the_explore_refine_strategy_and_a_budget_from_the_config(tmp_path):
     config = QuadConfig(strategy="explore-refine", explore=6, meta_steps=3, budget=600.0)
     summary = run(QUAD, config, tmp_path, progress=False)
     assert summary["explored"]["evaluations"] == 7  # the start, then six draws
-    assert summary["final_val_loss"] <= summary["explored"]["best_val_loss"]
-    assert summary["initial_val_loss"] == pytest.approx(summary["explored"]["best_val_loss"])
+    # The refinement starts at the configured values; the best point is the better of
+    # what it reached and the search's best.
+    assert summary["best_val_loss"] <= summary["explored"]["best_val_loss"]
+    assert summary["final_val_loss"] <= summary["initial_val_loss"]
     resumed = run(QUAD, dataclasses.replace(config, meta_steps=5), tmp_path, progress=False,
                   resume=True)
     assert resumed["meta_steps_run"] == 5
     assert resumed["final_val_loss"] <= summary["final_val_loss"] * (1 + 1e-3)  # tolerance
+    assert resumed["best_val_loss"] <= summary["initial_val_loss"]

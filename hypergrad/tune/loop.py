@@ -67,6 +67,8 @@ PyTree = Any
 DEFAULT_BUDGET = 60.0
 #: Fresh keys a stochastic task's chosen points are re-scored on.
 RESCORE_KEYS = 4
+#: The search's best configurations re-scored beside the refinement's points.
+RESCORE_CANDIDATES = 5
 _RESCORE_STREAM = 0x5C0E  # folded into the key: the re-scoring keys train nothing else
 _RESTART_SPREAD = 0.5
 #: Each round of sharing time with the black-box search, the gains and seconds so far
@@ -247,7 +249,7 @@ def tune(task: Task, estimator: Estimator | None = None,
     if meta_steps is not None and (isinstance(meta_steps, bool)
                                    or not isinstance(meta_steps, int) or meta_steps < 1):
         raise ValueError(f"meta_steps must be a positive integer, got {meta_steps}")
-    keys_n = strategy.keys or (4 if task.stochastic and not resample and not online else 1)
+    keys_n = strategy.keys
     phi0 = task.space.init() if phi is None else phi
 
     early = None
@@ -297,8 +299,9 @@ class _Run:
         self.early = early
         self.gains = {"refine": 0.0, "refine_s": 0.0, "explore": 0.0, "explore_s": 0.0}
         searcher = plan.searcher
-        self.incumbent = math.inf if searcher is None else float(searcher.best()[1])
-        self.restarted_at = self.incumbent
+        found = math.inf if searcher is None else float(searcher.best()[1])
+        self.own = {"refine": math.inf, "explore": found}  # each side's best so far
+        self.restarted_at = math.inf
 
     def _step_fn(self, sigma: float, cap: float | None):
         return with_key(make_step(
@@ -346,10 +349,10 @@ class _Run:
                         seconds or self.plan.explored is not None):
                     stop_reason = "budget"  # (a run with nothing scored yet takes one step)
                     break
-                t0 = time.perf_counter()
                 if self.step is None:  # built when needed: waits for an early compilation
                     self.build(float(np.max(population_lib.host(state.sigma))),
                                self._cap(state))
+                t0 = time.perf_counter()
                 state, m = self.step(self.placed, state, self.keys)
                 m = population_lib.host(m)
                 before, retired = retired, np.asarray(population_lib.host(state.retired))
@@ -393,15 +396,17 @@ class _Run:
     def share(self, state, m, seconds: float, i: int, budget, began):
         """After a meta-step of ``seconds``, let the strategy's black-box search run for
         ``seconds * share / (1 - share)``, ``share`` its part of the time: the fraction of
-        the recent gains per second (decayed by :data:`_DECAY` each round) that were its,
-        kept within [0.2, 0.8] so neither side starves. Where the search finds a point
-        below every member's best, the worst member restarts there."""
+        the recent progress per second (each side's own best lowered, decayed by
+        :data:`_DECAY` each round) that was the search's, kept within [0.2, 0.8] so neither
+        side starves. A member that stops restarts from the search's best point where that
+        is below every member's best (:meth:`react`)."""
         searcher, acc = self.plan.searcher, self.gains
         ok = np.asarray(m["point_ok"], bool)
         values = np.where(ok, np.asarray(m["val_loss"], float), np.inf)
-        if values.min() < self.incumbent:
-            acc["refine"] += self.incumbent - values.min()
-            self.incumbent = float(values.min())
+        if values.min() < self.own["refine"]:
+            if math.isfinite(self.own["refine"]):
+                acc["refine"] += self.own["refine"] - values.min()
+            self.own["refine"] = float(values.min())
         acc["refine_s"] += seconds
         rate = {k: acc[k] / max(acc[k + "_s"], 1e-9) for k in ("refine", "explore")}
         total = rate["refine"] + rate["explore"]
@@ -409,29 +414,29 @@ class _Run:
         slot = seconds * part / (1.0 - part)
         if budget is not None:
             slot = min(slot, budget - (time.perf_counter() - began) - 1.5 * seconds)
-        if slot <= 0:
-            return state
-        t0 = time.perf_counter()
-        found = searcher.run(until=t0 + slot)
-        acc["explore_s"] += time.perf_counter() - t0
-        if min(found) < self.incumbent:
-            acc["explore"] += self.incumbent - min(found)
-            self.incumbent = float(min(found))
-        for k in list(acc):
-            acc[k] *= _DECAY
-        host = population_lib.host(state)
-        phi, value = searcher.best()
-        if value < float(np.min(host.best_value)) and value < self.restarted_at:
-            j = int(np.argmax(np.where(np.isfinite(host.best_value), host.best_value, np.inf)))
-            who = "the run" if self.population is None else f"member {j}"
-            self.diagnosis.append(
-                f"meta-step {i}: the black-box search found {value:.6g}, below the "
-                f"refinement's best {float(np.min(host.best_value)):.6g}; {who} restarted there")
-            self.restarted_at = value
-            like = jax.tree.map(lambda a, b: np.asarray(a, np.asarray(b).dtype), phi,
-                                _at(host.phi, 0))
-            return population_lib.put(self._restart(host, j, like), self.mesh)
+        if slot > 0:
+            t0 = time.perf_counter()
+            found = min(searcher.run(until=t0 + slot))
+            acc["explore_s"] += time.perf_counter() - t0
+            if found < self.own["explore"]:
+                acc["explore"] += self.own["explore"] - found
+                self.own["explore"] = found
+            for k in list(acc):
+                acc[k] *= _DECAY
         return state
+
+    def _searched(self, host: TuneState) -> PyTree | None:
+        """The search's best point, where it is below every member's best and no member
+        restarted from it yet (a member that stops restarts there first)."""
+        searcher = self.plan.searcher
+        if searcher is None:
+            return None
+        phi, value = searcher.best()
+        if not value < float(np.min(host.best_value)) or not value < self.restarted_at:
+            return None
+        self.restarted_at = value
+        return jax.tree.map(lambda a, b: np.asarray(a, np.asarray(b).dtype), phi,
+                            _at(host.phi, 0))
 
     # -- members that stop ----------------------------------------------------------
 
@@ -477,7 +482,10 @@ class _Run:
                 self.diagnosis.append(f"meta-step {i}: {who} stopped: "
                                       f"{self.guard.retirement(code)}")
                 continue
-            if self.queue:
+            searched = self._searched(host)
+            if searched is not None:
+                phi, where = searched, f"the search's best point ({self.restarted_at:.6g})"
+            elif self.queue:
                 phi, where = self.queue.pop(0), "the next best explored start"
             else:
                 b = int(np.argmin(host.best_value))
@@ -602,9 +610,16 @@ class _Run:
             for j, (f, b) in enumerate(zip(finals, bests, strict=True)):
                 if f is not None and b is not None and f.val_loss > start.val_loss:
                     finals[j] = b
+        extra: list[Point | None] = []
         if (self.task.stochastic or self.resample) and not self.online:
-            finals, bests, start = self._rescore(finals, bests, start)
-        best, final = _pick(bests), _pick(finals)
+            if explored is not None:  # the search's best few compete on fresh keys too
+                for k in np.argsort(explored.val_loss, kind="stable")[:RESCORE_CANDIDATES]:
+                    if np.isfinite(explored.val_loss[k]):
+                        p = jax.tree.map(lambda a, k=k: np.asarray(a[k]), explored.phi)
+                        extra.append(Point(-1, float(explored.val_loss[k]), p,
+                                           _natural(space, p)))
+            finals, bests, start, extra = self._rescore(finals, bests, start, extra)
+        best, final = _pick(bests + extra), _pick(finals)
         if start is not None and (self.online or self.task.stochastic or self.resample) \
                 and final.val_loss > start.val_loss:
             how = "trained the same way" if self.online else "re-scored on fresh keys"
@@ -648,9 +663,10 @@ class _Run:
                              None if self.population is None else 0)
         return None
 
-    def _rescore(self, finals, bests, start):
-        """Every candidate (each member's final and best point, the start) scored on
-        :data:`RESCORE_KEYS` fresh keys: the mean and its standard error."""
+    def _rescore(self, finals, bests, start, extra):
+        """Every candidate (each member's final and best point, the start, the search's
+        best few) scored on :data:`RESCORE_KEYS` fresh keys: the mean and its standard
+        error."""
         ks = strategies_lib.scoring_keys(jax.random.fold_in(self.key, _RESCORE_STREAM),
                                          RESCORE_KEYS)
 
@@ -664,7 +680,8 @@ class _Run:
                 else math.inf
             return p._replace(val_loss=float(np.mean(v)), stderr=se)
 
-        return [again(p) for p in finals], [again(p) for p in bests], again(start)
+        return ([again(p) for p in finals], [again(p) for p in bests], again(start),
+                [again(p) for p in extra])
 
 
 def _compile_early(task, estimator, outer, strategy, phi0, key, devices, **options):
