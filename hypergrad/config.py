@@ -114,7 +114,7 @@ class Config:
       strategy: ``local`` (default: one run from the configured values, or a population
         around them) or ``explore-refine`` (the default of ``hg.tune``: explore the search
         box, then refine the best starts, ``population`` of them at once; with
-        ``explore=N`` it explores N configurations, else 30% of ``budget`` or 24
+        ``explore=N`` it explores N configurations first, else 15% of ``budget`` or 24
         configurations). See :mod:`hypergrad.tune.strategies`.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.

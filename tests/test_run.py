@@ -152,5 +152,5 @@ def test_the_explore_refine_strategy_and_a_budget_from_the_config(tmp_path):
     resumed = run(QUAD, dataclasses.replace(config, meta_steps=5), tmp_path, progress=False,
                   resume=True)
     assert resumed["meta_steps_run"] == 5
-    assert resumed["final_val_loss"] <= summary["final_val_loss"] * (1 + 1e-3)  # tolerance
+    assert resumed["final_val_loss"] <= summary["final_val_loss"] * (1 + hg.Guard().tolerance)
     assert resumed["best_val_loss"] <= summary["initial_val_loss"]

@@ -71,7 +71,7 @@ def test_the_trust_region_never_accepts_an_increase():
     history = hg.tune(task, hg.estimators.reverse(), optax.sgd(3.0), clip=0.0,
                       meta_steps=25, key=jax.random.key(0))
     kept = history.val_loss[history.point_ok]
-    assert np.all(np.diff(kept) <= 1e-3 * np.abs(kept[:-1]))
+    assert np.all(np.diff(kept) <= hg.Guard().tolerance * np.abs(kept[:-1]))
     assert (~history.point_ok).any()
     assert {r["reason"] for r in history.records if "val_loss" not in r} <= {"increase"}
     assert history.final.val_loss <= history.start.val_loss
@@ -83,7 +83,7 @@ def test_without_the_trust_region_the_same_run_accepts_increases():
     guard = hg.Guard(tolerance=math.inf)
     history = hg.tune(task, hg.estimators.reverse(), optax.sgd(3.0), clip=0.0,
                       meta_steps=25, key=jax.random.key(0), guard=guard)
-    assert np.any(np.diff(history.val_loss[history.point_ok]) > 1e-3)
+    assert np.any(np.diff(history.val_loss[history.point_ok]) > 0.1)
 
 
 def test_chaos_is_detected_and_smoothed():

@@ -78,7 +78,7 @@ def test_regression_mlp_in_a_few_lines():
     rejected = [r for r in history.records if "val_loss" not in r]
     assert all(r["reason"] == "increase" for r in rejected)
     kept = history.val_loss[history.point_ok]
-    assert np.all(np.diff(kept) <= 1e-3 * kept[:-1])
+    assert np.all(np.diff(kept) <= hg.Guard().tolerance * kept[:-1])
     assert history.final.val_loss < 0.6 * history.val_loss[0]
     assert np.isfinite(history.final.val_loss) and np.isfinite(history.best.val_loss)
     assert history.best.val_loss <= history.final.val_loss
