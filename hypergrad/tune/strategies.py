@@ -88,6 +88,8 @@ class Local:
 
     def plan(self, task: Task, key: jax.Array, phi: PyTree, *, budget: float | None,
              began: float, keys: int) -> Plan:
+        """The start (after the random phase, with ``explore``) and the population around
+        it; nothing queued, no search between meta-steps."""
         del budget
         explored = None
         if self.explore:
@@ -137,6 +139,9 @@ class ExploreRefine:
 
     def plan(self, task: Task, key: jax.Array, phi: PyTree, *, budget: float | None,
              began: float, keys: int) -> Plan:
+        """Search the box for the first part of the budget, then return the given start
+        (and, for a population, the best explored starts), the other explored starts as
+        a queue, and the :class:`Searcher` to go on between meta-steps."""
         if isinstance(self.explore, float) and not 0 < self.explore < 1:
             raise ValueError(f"explore as a fraction of the budget must be in (0, 1), got "
                              f"{self.explore}")
@@ -207,6 +212,7 @@ class Searcher:
         return loss
 
     def best(self) -> tuple[PyTree, float]:
+        """The best configuration scored so far and its loss."""
         i = int(np.argmin(self.losses))
         return self.phis[i], self.losses[i]
 
@@ -260,6 +266,7 @@ class Searcher:
         return out
 
     def result(self) -> search.SearchResult:
+        """Every configuration scored, in order, as a search's result."""
         stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *self.phis)
         return search.SearchResult("explore", stacked, np.asarray(self.losses, float),
                                    np.asarray(self.seconds, float))
