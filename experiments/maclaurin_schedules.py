@@ -34,7 +34,7 @@ schedule hyperparameters), 5000 training images, tuned with ``estimator=reversib
 float64, and ``compare=none,step,nested`` sets reverse mode's hypergradient at the start
 beside it. Measured (seed 0, 58 s): best schedules validation 0.277 / test 91.2% against
 the best constant rate's 0.308 / 89.7%; working memory 9.0 MiB reversible against 162 MiB
-(``none``), 75 MiB (``step``), 17 MiB (``nested``) (README, "On real MNIST").
+(``none``), 75 MiB (``step``), 17 MiB (``nested``) (docs/guide.md, "On real MNIST").
 """
 
 from __future__ import annotations
