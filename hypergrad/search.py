@@ -338,6 +338,33 @@ def param_label(path: tuple) -> str:
                     for k in path)
 
 
+def optuna_space(space: HyperSpace, bounds: Mapping[str, tuple[Any, Any]] | None = None,
+                 dtype: Any = None) -> tuple[dict[str, Any], Callable[[dict[str, float]], PyTree]]:
+    """Optuna distributions over :func:`box`, one per entry of every leaf of ``phi``
+    (named ``name`` or ``name[i]``), and ``params -> phi``."""
+    optuna = _optuna()
+    low, high = box(space, bounds, dtype)
+    flat_low, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(low))
+    flat_high = jax.tree.leaves(jax.device_get(high))
+    entries: list[tuple[str, int, int]] = []  # (label, leaf index, flat index)
+    for j, (path, leaf) in enumerate(flat_low):
+        label = param_label(path)
+        entries.extend((label if leaf.ndim == 0 else f"{label}[{i}]", j, i)
+                       for i in range(leaf.size))
+    dists = {label: optuna.distributions.FloatDistribution(
+        float(np.ravel(flat_low[j][1])[i]), float(np.ravel(flat_high[j])[i]))
+        for label, j, i in entries}
+
+    def to_phi(params):
+        flat = [np.array(np.ravel(leaf), copy=True) for _, leaf in flat_low]
+        for label, j, i in entries:
+            flat[j][i] = params[label]
+        return jax.tree.unflatten(
+            treedef, [f.reshape(leaf.shape) for f, (_, leaf) in zip(flat, flat_low, strict=True)])
+
+    return dists, to_phi
+
+
 def tpe_search(
     task: Task, key: jax.Array, num_trials: int | None = None, *, seed: int = 0,
     bounds: Mapping[str, tuple[Any, Any]] | None = None, batch_size: int = 1,
@@ -365,28 +392,10 @@ def tpe_search(
     optuna = _optuna()
     _check_limits(num_trials, budget, "num_trials")
     _check_batch(batch_size)
-    low, high = box(task.space, bounds, dtype)
-    # One Optuna parameter per entry of every leaf: (label, leaf index, flat index).
-    flat_low, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(low))
-    flat_high = jax.tree.leaves(jax.device_get(high))
-    entries = []
-    for j, (path, leaf) in enumerate(flat_low):
-        label = param_label(path)
-        for i in range(leaf.size):
-            entries.append((label if leaf.ndim == 0 else f"{label}[{i}]", j, i))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
     study = optuna.create_study(sampler=sampler, direction="minimize")
-    dists = {label: optuna.distributions.FloatDistribution(
-        float(np.ravel(flat_low[j][1])[i]), float(np.ravel(flat_high[j])[i]))
-        for label, j, i in entries}
-
-    def to_phi(params):
-        flat = [np.array(np.ravel(leaf), copy=True) for _, leaf in flat_low]
-        for label, j, i in entries:
-            flat[j][i] = params[label]
-        return jax.tree.unflatten(
-            treedef, [f.reshape(leaf.shape) for f, (_, leaf) in zip(flat, flat_low, strict=True)])
+    dists, to_phi = optuna_space(task.space, bounds, dtype)
 
     def batches():
         done = 0

@@ -283,30 +283,8 @@ def hypergrad_default(problem: Problem, key: jax.Array, budget: float) -> Run:
 
 def optuna_space(space: hg.HyperSpace, dtype: Any = None
                  ) -> tuple[dict[str, Any], Callable[[dict[str, float]], PyTree]]:
-    """Optuna distributions over :func:`hypergrad.search.box`, one per entry of ``phi``,
-    named as :func:`hypergrad.search.tpe_search` names them; and ``params -> phi``."""
-    import optuna
-
-    low, high = search.box(space, dtype=dtype)
-    flat_low, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(low))
-    flat_high = jax.tree.leaves(jax.device_get(high))
-    entries: list[tuple[str, int, int]] = []  # (label, leaf index, flat index)
-    for j, (path, leaf) in enumerate(flat_low):
-        label = search.param_label(path)
-        entries.extend((label if leaf.ndim == 0 else f"{label}[{i}]", j, i)
-                       for i in range(leaf.size))
-    dists = {label: optuna.distributions.FloatDistribution(
-        float(np.ravel(flat_low[j][1])[i]), float(np.ravel(flat_high[j])[i]))
-        for label, j, i in entries}
-
-    def to_phi(params):
-        flat = [np.array(np.ravel(leaf), copy=True) for _, leaf in flat_low]
-        for label, j, i in entries:
-            flat[j][i] = params[label]
-        return jax.tree.unflatten(
-            treedef, [f.reshape(leaf.shape) for f, (_, leaf) in zip(flat, flat_low, strict=True)])
-
-    return dists, to_phi
+    """:func:`hypergrad.search.optuna_space` over the default box."""
+    return search.optuna_space(space, dtype=dtype)
 
 
 @jax.jit
