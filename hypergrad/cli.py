@@ -49,6 +49,22 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _path(what: str):
+    """An argument type for a path the command writes under: refused at once (one line,
+    status 2) if the file system cannot hold it, as a name over 255 bytes."""
+
+    def check(text: str) -> str:
+        from hypergrad.workdir import WorkdirError, check_path
+
+        try:
+            check_path(Path(text), what)
+        except WorkdirError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return check
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hypergrad", description="Gradient-based hyperparameter optimization.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -61,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="tune an experiment's hyperparameters")
     common(r)
-    r.add_argument("--workdir", help="where the run writes (default runs/NAME-TIME)")
+    r.add_argument("--workdir", type=_path("--workdir"),
+                   help="where the run writes (default runs/NAME-TIME)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,10 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                         "over the largest directional derivative (default 1e-6)")
     sub.add_parser("list", help="list the experiments")
     pl = sub.add_parser("plot", help="redraw a run's figures, or overlay several runs")
-    pl.add_argument("workdirs", nargs="+", metavar="WORKDIR",
+    pl.add_argument("workdirs", nargs="+", metavar="WORKDIR", type=_path("WORKDIR"),
                     help="workdirs of standard runs (with metrics.jsonl)")
-    pl.add_argument("--out", help="where to write the figures (default: the workdir for "
-                                  "one run, the current directory for several)")
+    pl.add_argument("--out", type=_path("--out"),
+                    help="where to write the figures (default: the workdir for one run, "
+                         "the current directory for several)")
     return p
 
 
@@ -271,13 +289,18 @@ def _plot(args) -> int:
         raise plots.PlotError(f"--out {clip(args.out)} is a file, not a folder; name a "
                               "folder for the figures")
     own = _own_plot(workdirs[0]) if len(workdirs) == 1 else None
-    if own is not None:  # an experiment with its own main redraws from its results.json
-        paths = own(_out_dir(out or workdirs[0]))
-    elif len(workdirs) == 1:
-        plots.read_run(workdirs[0])  # a one-line error before any figure is drawn
-        paths = plots.plot_run(workdirs[0], out and _out_dir(out))
-    else:
-        paths = plots.plot_compare(workdirs, _out_dir(out or Path(".")))
+    try:
+        if own is not None:  # an experiment with its own main redraws from its results.json
+            paths = own(_out_dir(out or workdirs[0]))
+        elif len(workdirs) == 1:
+            plots.read_run(workdirs[0])  # a one-line error before any figure is drawn
+            paths = plots.plot_run(workdirs[0], out and _out_dir(out))
+        else:
+            paths = plots.plot_compare(workdirs, _out_dir(out or Path(".")))
+    except OSError as e:  # a read-only workdir, a full disk: the figure is named
+        raise plots.PlotError(f"cannot write {clip(str(e.filename or 'the figures'))}: "
+                              f"{e.strerror or e}; make its folder writable or name another "
+                              "with --out") from None
     for path in paths:
         print(f"wrote {path}")
     return 0

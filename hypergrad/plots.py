@@ -6,10 +6,14 @@ workdirs it overlays them (:func:`plot_compare`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from hypergrad.messages import clip, show
 
 
 class PlotError(ValueError):
@@ -17,9 +21,83 @@ class PlotError(ValueError):
 
 
 def _records(workdir: Path) -> list[dict[str, Any]]:
-    with open(workdir / "metrics.jsonl") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [r for r in lines if "val_loss" in r]
+    """The accepted meta-steps of ``workdir``'s ``metrics.jsonl`` (lines with a
+    ``val_loss``), each checked to hold what the figures read.
+
+    Raises:
+      PlotError: a line is not UTF-8, not JSON, or lacks what the figures read; the
+        message names the file and the line.
+    """
+    path = workdir / "metrics.jsonl"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    records, first = [], None
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            problem = _problem(record)
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text"
+        except ValueError:
+            problem = "is not JSON"
+        if problem is None and "val_loss" in record:
+            first = first or (n, record)
+            if _names(record) != _names(first[1]):
+                problem = f"names other hyperparameters (or groups) than line {first[0]}"
+            records.append(record)
+        if problem is not None:
+            raise PlotError(f"{path} line {n} {problem}; restore the file or delete the line "
+                            "to plot the rest")
+    return records
+
+
+def _number(v: Any) -> bool:
+    """A number as ``metrics.jsonl`` writes it: ``null`` stands for a non-finite one."""
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _hparam(v: Any) -> bool:
+    """A hyperparameter's summary: a number, or a dict with a ``mean`` (and ``groups``)."""
+    if not isinstance(v, dict):
+        return _number(v)
+    groups = v.get("groups", {})
+    return ("mean" in v and _number(v["mean"]) and isinstance(groups, dict)
+            and all(_hparam(g) for g in groups.values()))
+
+
+def _problem(record: Any) -> str | None:
+    """What an accepted meta-step's record lacks for the figures, or ``None``."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if "val_loss" not in record:
+        return None  # a rejected meta-step: not drawn
+    if not isinstance(record.get("meta_step"), int) or isinstance(record["meta_step"], bool):
+        return "has no integer meta_step"
+    if not _number(record["val_loss"]):
+        return f"has a val_loss that is not a number ({show(record['val_loss'])})"
+    hparams = record.get("hparams")
+    if not isinstance(hparams, dict) or not all(_hparam(v) for v in hparams.values()):
+        return "has no hparams (an object of numbers, or of summaries with a mean)"
+    members = record.get("members", [])
+    if not isinstance(members, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("member"), int)
+            and ("val_loss" not in e or _number(e["val_loss"])
+                 and isinstance(e.get("hparams"), dict)
+                 and _names(e) == _names(record)
+                 and all(_hparam(v) for v in e["hparams"].values()))
+            for e in members):
+        return "has members without a member number, val_loss or hparams"
+    return None
+
+
+def _names(record: dict[str, Any]) -> dict[str, Any]:
+    """Each hyperparameter's name and its groups' names (``None`` if it has none)."""
+    return {k: sorted(v["groups"]) if isinstance(v, dict) and "groups" in v else None
+            for k, v in record["hparams"].items()}
 
 
 def read_run(workdir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -30,15 +108,16 @@ def read_run(workdir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
     run with no accepted meta-step. The config is ``{}`` when ``config.json`` is absent.
     """
     workdir = Path(workdir)
-    if not workdir.is_dir():
+    try:
+        found = workdir.is_dir(), (workdir / "metrics.jsonl").is_file()
+    except OSError as e:  # a name too long, a folder that cannot be searched
+        raise PlotError(f"cannot read {clip(str(workdir))}: {e.strerror or e}") from None
+    if not found[0]:
         raise PlotError(f"no workdir {workdir}")
-    if not (workdir / "metrics.jsonl").is_file():
+    if not found[1]:
         raise PlotError(f"{workdir} holds no metrics.jsonl; only standard runs can be "
                         "plotted (other experiments write their figures themselves)")
-    try:
-        records = _records(workdir)
-    except (OSError, ValueError) as e:
-        raise PlotError(f"{workdir / 'metrics.jsonl'} is unreadable: {e}") from None
+    records = _records(workdir)
     if not records:
         raise PlotError(f"{workdir / 'metrics.jsonl'} holds no accepted meta-step")
     try:
@@ -49,7 +128,9 @@ def read_run(workdir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
 
 
 def _scalar(v: Any) -> float:
-    return v if isinstance(v, float) else v["mean"]
+    """A number, or a summary's mean; ``null`` (a non-finite number) as NaN."""
+    v = v["mean"] if isinstance(v, dict) else v
+    return float("nan") if v is None else v
 
 
 MAX_GROUP_LINES = 8
@@ -75,7 +156,7 @@ def _members(records: list[dict[str, Any]], best: int | None):
             if "val_loss" in e:
                 steps, vals, hps = series.setdefault(e["member"], ([], [], []))
                 steps.append(r["meta_step"])
-                vals.append(e["val_loss"])
+                vals.append(_scalar(e["val_loss"]))
                 hps.append(e["hparams"])
     if not series:
         return {}, None
@@ -109,12 +190,13 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
     workdir = Path(workdir)
     out = workdir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = workdir / "summary.json"
     try:
-        best = json.loads(summary.read_text()).get("best_member") if summary.exists() else None
-    except ValueError:
-        best = None
-    paths = plot_records(_records(workdir), out, best_member=best)
+        summary = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError):  # absent, or damaged: the best member is then guessed
+        summary = None
+    best = summary.get("best_member") if isinstance(summary, dict) else None
+    paths = plot_records(_records(workdir), out,
+                         best_member=best if isinstance(best, int) else None)
     schedules = plot_schedules(workdir, out)
     return paths + ([schedules] if schedules else [])
 
@@ -143,8 +225,8 @@ def plot_records(records: list[dict[str, Any]], out: str | Path | None = None,
     figures = []
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-    _draw(ax, steps, [r["val_loss"] for r in records], series, best, lambda v, h: v,
-          legend=True)
+    _draw(ax, steps, [_scalar(r["val_loss"]) for r in records], series, best,
+          lambda v, h: _scalar(v), legend=True)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
@@ -194,14 +276,13 @@ def plot_schedules(workdir: str | Path, out: str | Path | None = None) -> Path |
     files = sorted((Path(workdir) / "hparams").glob("meta_step_*.npz"))
     if not files:
         return None
-    with np.load(files[0]) as first, np.load(files[-1]) as last:
-        names = [k[: -len("@steps")] for k in last.files if k.endswith("@steps")]
-        if not names:
-            return None
-        start = {n: first[f"{n}@steps"] for n in names if f"{n}@steps" in first.files}
-        end = {n: last[f"{n}@steps"] for n in names}
-        groups = {n: list(last[f"{n}@groups"]) if f"{n}@groups" in last.files else None
-                  for n in names}
+    first, last = _arrays(files[0]), _arrays(files[-1])
+    names = [k[: -len("@steps")] for k in last if k.endswith("@steps")]
+    if not names:
+        return None
+    start = {n: first[f"{n}@steps"] for n in names if f"{n}@steps" in first}
+    end = {n: last[f"{n}@steps"] for n in names}
+    groups = {n: list(last[f"{n}@groups"]) if f"{n}@groups" in last else None for n in names}
     meta_step = int(files[-1].stem.rsplit("_", 1)[1])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), dpi=100,
                              squeeze=False)
@@ -222,6 +303,18 @@ def plot_schedules(workdir: str | Path, out: str | Path | None = None) -> Path |
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_figure(fig, Path(workdir if out is None else out) / "schedules.png")
+
+
+def _arrays(path: Path) -> dict[str, Any]:
+    """The arrays of a ``.npz`` file; a :class:`PlotError` naming it if it is damaged."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise PlotError(f"{path} is unreadable ({type(e).__name__}); remove it to plot the "
+                        "rest") from None
 
 
 def _labels(workdirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
@@ -260,7 +353,7 @@ def plot_compare(workdirs: Sequence[str | Path], out: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
     values = []
     for (records, _), label in zip(runs, labels, strict=True):
-        v = [r["val_loss"] for r in records]
+        v = [_scalar(r["val_loss"]) for r in records]
         values += v
         ax.plot([r["meta_step"] for r in records], v, marker=".", label=label)
     if min(values) > 0 and max(values) > 3 * min(values):
@@ -305,13 +398,17 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
     import matplotlib.pyplot as plt
 
+    from hypergrad.workdir import writing
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
+        with writing(path):  # a full disk's error names the figure
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
