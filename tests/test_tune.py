@@ -187,6 +187,18 @@ def test_online_tuning_is_one_training_run():
         hg.tune(task, hg.estimators.reverse(), "gd", online=True, key=jax.random.key(0))
 
 
+def test_an_estimator_brings_its_own_online_tuning():
+    # The loop knows no estimator by name: an estimator of another name that carries
+    # truncated's Online tunes online exactly as truncated does.
+    task = quadratic_task(steps=12)
+    ref = hg.estimators.truncated(3)
+    mine = hg.estimators.Estimator(ref.fn, "my-windows", {}, ref.online)
+    runs = [hg.tune(task, est, "gd", online=True, key=jax.random.key(0))
+            for est in (ref, mine)]
+    np.testing.assert_array_equal(runs[0].val_loss, runs[1].val_loss)
+    assert runs[1].final.meta_step == 4
+
+
 def test_ncg_stops_when_its_line_search_finds_no_step_twice():
     # At the quadratic's optimum in lr nothing lowers the loss measurably.
     task = quadratic_task(steps=2)

@@ -1,6 +1,6 @@
 """Hypergradient estimators, one per module, all ``(task, phi, key) -> (value, grad, aux)``."""
 
-from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.base import Estimator, Online
 from hypergrad.estimators.es import es
 from hypergrad.estimators.forward import forward
 from hypergrad.estimators.implicit import NotConvergedWarning, implicit
@@ -10,6 +10,6 @@ from hypergrad.estimators.reverse import reverse
 from hypergrad.estimators.reversible import reversible
 from hypergrad.estimators.truncated import truncated
 
-__all__ = ["NAMES", "Estimator", "NotConvergedWarning", "PESState", "PESSteps", "by_name",
+__all__ = ["NAMES", "Estimator", "NotConvergedWarning", "Online", "PESState", "PESSteps", "by_name",
            "es", "forward", "implicit", "pes", "pes_steps", "reverse", "reversible",
            "truncated"]

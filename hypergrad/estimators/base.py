@@ -4,10 +4,35 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class Online(NamedTuple):
+    """How an estimator tunes while training (``hg.tune(..., online=True)``): one run of
+    ``task.steps`` inner steps, cut into windows, the hyperparameters updated between
+    them. The estimator owns its carry; the tuning loop only stores it.
+
+    Attributes:
+      window: the inner steps per window (the meta-step).
+      init: ``(task, phi, key) -> carry``, the run at inner step 0 trained with ``key``;
+        the carry holds arrays only (it is checkpointed and vmapped over members).
+      step: ``(carry, task, phi, key, meta_step, inner_step) -> (carry, value, grad,
+        train_loss, value_at)``: train the window from ``inner_step`` (the steps the
+        accepted windows trained) at ``phi`` and estimate the hypergradient of the
+        window's end validation loss ``value``; ``value_at(phi')`` is that loss for
+        another ``phi'`` from the same carry. ``key`` is the run's; ``meta_step`` counts
+        every window tried, accepted or not (fresh noise per window).
+      weights: ``carry -> inner states``, the weights trained so far stacked on a leading
+        axis (one run for truncated, the particles for PES), to score the run.
+    """
+
+    window: int
+    init: Callable[..., Any]
+    step: Callable[..., tuple[Any, Any, Any, Any, Callable[[Any], Any]]]
+    weights: Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -18,12 +43,14 @@ class Estimator:
     its gradient with respect to ``phi`` (shaped and typed like ``phi``: calling the
     estimator casts it, so a float64 loss cannot promote a float32 ``phi``'s gradient and,
     through it, the outer optimizer's state) and ``aux`` a dict of diagnostics. ``name``
-    and ``options`` describe the method for logs and configs.
+    and ``options`` describe the method for logs and configs; ``online``, where the
+    method can tune while training, says how (:class:`Online`).
     """
 
     fn: Callable[..., tuple[Any, Any, dict[str, Any]]]
     name: str
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    online: Online | None = None
 
     def __call__(self, task, phi, key):
         value, grad, aux = self.fn(task, phi, key)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.base import Estimator, Online
 from hypergrad.inner import InnerState
 from hypergrad.task import Task
 from hypergrad.unroll import objective, segment, start
@@ -152,7 +152,27 @@ def pes(sigma: float, num_pairs: int, window: int, cap: float | None = None) -> 
                              "pair_std": aux["pair_std"], "capped": aux["capped"]}
 
     return Estimator(estimate, "pes", {"sigma": sigma, "num_pairs": num_pairs,
-                                        "window": window, "cap": cap})
+                                        "window": window, "cap": cap}, _online(core, window))
+
+
+def _online(core: PESSteps, window: int) -> Online:
+    """Online PES: the particles are the carry (their key stored as raw key data, so the
+    carry is arrays only); each window perturbs afresh from the run's key and the
+    window's count."""
+
+    def init(task: Task, phi: Any, key: jax.Array) -> PESState:
+        state = core.init(task, phi, key)
+        return state._replace(key=jax.random.key_data(state.key))
+
+    def step(carry: PESState, task: Task, phi: Any, key: jax.Array, meta_step, inner_step):
+        del inner_step  # the particles count their own steps
+        noise = jax.random.fold_in(jax.random.fold_in(key, NOISE_STREAM), meta_step)
+        live = carry._replace(key=jax.random.wrap_key_data(carry.key))
+        state, value, grad, aux = core.step(live, task, phi, noise, window)
+        return (state._replace(key=jax.random.key_data(state.key)), value, grad,
+                aux["train_loss"], lambda p: core.step(live, task, p, noise, window)[1])
+
+    return Online(window, init, step, lambda carry: carry.inner)
 
 
 def _advance(sigma: float, num_pairs: int, state: PESState, task: Task, phi: Any,

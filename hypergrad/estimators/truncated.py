@@ -6,10 +6,10 @@ from typing import Any
 
 import jax
 
-from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.base import Estimator, Online
 from hypergrad.inner import check_hvp
 from hypergrad.task import Task
-from hypergrad.unroll import check_policy, check_window, truncated_objective
+from hypergrad.unroll import check_policy, check_window, segment, start, truncated_objective
 
 
 def truncated(window: int, checkpoint: Any = "auto", hvp: str = "reverse") -> Estimator:
@@ -32,6 +32,9 @@ def truncated(window: int, checkpoint: Any = "auto", hvp: str = "reverse") -> Es
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``; ``value`` is the exact
       validation loss, ``aux`` holds ``train_loss``, ``train_losses`` and ``params``.
+      Online (:class:`~hypergrad.estimators.base.Online`) it trains one run window by
+      window and backpropagates through each window from the weights the last one left
+      (Franceschi et al. 2017's real-time HO, Shaban et al. 2019).
     """
     check_window(window)
     check_policy(checkpoint)
@@ -46,4 +49,28 @@ def truncated(window: int, checkpoint: Any = "auto", hvp: str = "reverse") -> Es
         return value, grad, aux
 
     return Estimator(estimate, "truncated", {"window": window, "checkpoint": checkpoint,
-                                              "hvp": hvp})
+                                              "hvp": hvp}, _online(window, hvp))
+
+
+def _online(window: int, hvp: str) -> Online:
+    """One training run, carried as its inner state; each window differentiated from the
+    state the last one left (a constant)."""
+
+    def init(task: Task, phi: Any, key: jax.Array):
+        return start(task, task.space.constrain(phi), key)[0]
+
+    def step(carry, task: Task, phi: Any, key: jax.Array, meta_step, inner_step):
+        del meta_step  # the windows run on from inner_step, as accepted steps leave it
+        _, data_key = jax.random.split(key)  # as `start` splits the run's key
+        begin = inner_step
+
+        def f(p):
+            hparams = task.space.constrain(p)
+            inner, losses = segment(task, hparams, carry, data_key, begin, window, hvp=hvp)
+            value = task.validation_loss(inner.params, hparams, inner.model_state)
+            return value, (inner, losses)
+
+        (value, (inner, losses)), grad = jax.value_and_grad(f, has_aux=True)(phi)
+        return inner, value, grad, losses[-1], lambda p: f(p)[0]
+
+    return Online(window, init, step, lambda carry: jax.tree.map(lambda a: a[None], carry))

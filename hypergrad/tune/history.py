@@ -287,10 +287,14 @@ def member_record(space, m: Mapping[str, Any], j: int, retired_before: bool,
     else:
         reason = int(pick(m["reason"]))
         scale = float(pick(m["scale"]))
+        sigma = float(pick(m["sigma"])) if "sigma" in m else 0.0
+        # While smoothing, the guard compares the loss smoothed at scale sigma.
+        loss = f"validation loss smoothed at scale {sigma:.3g}" if sigma > 0 else \
+            "validation loss"
         what = guard.rejection(reason if reason != OK else 4,
                                value=float(pick(m["judged"])),
                                gnorm=float(pick(m["hypergrad_norm"])),
-                               last=float(pick(m["last_value"])))
+                               last=float(pick(m["last_value"])), loss=loss)
         entry["reason"] = REASON_NAMES.get(reason, "out-of-range")
         entry["rejected_val_loss"] = float(pick(m["val_loss"]))
         entry["warning"] = f"{what}; step rejected, outer step scale now {scale:g}"

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from hypergrad import outer as outer_lib
-from hypergrad.estimators.base import Estimator
+from hypergrad.estimators.base import Estimator, Online
 from hypergrad.estimators.es import es
-from hypergrad.estimators.pes import NOISE_STREAM, PESState, pes_steps
 from hypergrad.task import Task
 from hypergrad.tune.guard import (
     ACTIVE,
@@ -44,7 +43,7 @@ from hypergrad.tune.guard import (
     RETIRED_START,
     Guard,
 )
-from hypergrad.unroll import objective, segment, start
+from hypergrad.unroll import objective
 
 PyTree = Any
 
@@ -137,39 +136,20 @@ def line_search(state: PyTree) -> dict[str, Any]:
 # -- online tuning ----------------------------------------------------------------------
 
 
-def online_options(estimator: Estimator) -> tuple[int, str]:
-    """The window and HVP mode an online run trains with, or a ``ValueError``."""
-    if estimator.name == "truncated":
-        return int(estimator.options["window"]), estimator.options.get("hvp", "reverse")
-    if estimator.name == "pes":
-        return int(estimator.options["window"]), "reverse"
-    raise ValueError("online tuning trains through windows of the run: pass "
-                     "hg.estimators.truncated(window) or hg.estimators.pes(sigma, num_pairs, "
-                     f"window), not {estimator.name}")
+def online_of(estimator: Estimator) -> Online:
+    """How ``estimator`` tunes while training (:class:`~hypergrad.estimators.base.Online`),
+    or a ``ValueError`` naming the estimators that can."""
+    if estimator.online is None:
+        raise ValueError("online tuning trains through windows of the run: pass "
+                         "hg.estimators.truncated(window) or hg.estimators.pes(sigma, "
+                         f"num_pairs, window), not {estimator.name}")
+    return estimator.online
 
 
-def _pes_core(estimator: Estimator):
-    """PES's init and step with ``estimator``'s options, for online tuning."""
-    o = estimator.options
-    return pes_steps(o["sigma"], o["num_pairs"], o["window"], o.get("cap"))
-
-
-def _stored(carry: PESState) -> PESState:
-    """The PES carry with its training key as raw key data (the tuning state holds
-    arrays that go to and from the host and checkpoints)."""
-    return carry._replace(key=jax.random.key_data(carry.key))
-
-
-def _live(carry: PESState) -> PESState:
-    return carry._replace(key=jax.random.wrap_key_data(carry.key))
-
-
-def online_weights(carry: Any) -> Any:
-    """The inner states an online run has trained so far, stacked on a leading axis:
-    one for ``truncated`` (the run's), ``2N`` for ``pes`` (its particles)."""
-    if isinstance(carry, PESState):
-        return carry.inner
-    return jax.tree.map(lambda a: a[None], carry)
+def online_weights(estimator: Estimator, carry: Any) -> Any:
+    """The inner states an online run with ``estimator`` has trained so far, stacked on a
+    leading axis: one for ``truncated`` (the run's), ``2N`` for ``pes`` (its particles)."""
+    return online_of(estimator).weights(carry)
 
 
 # -- the state --------------------------------------------------------------------------
@@ -179,12 +159,7 @@ def init_state(task: Task, estimator: Estimator, outer: optax.GradientTransforma
                phi: PyTree, key: jax.Array, *, online: bool = False) -> TuneState:
     """The state of one member before its first meta-step, starting at ``phi``."""
     dtype = jnp.result_type(*jax.tree.leaves(phi))
-    carry: PyTree = ()
-    if online and estimator.name == "pes":
-        carry = _stored(_pes_core(estimator).init(task, phi, key))
-    elif online:
-        online_options(estimator)
-        carry = start(task, task.space.constrain(phi), key)[0]
+    carry: PyTree = online_of(estimator).init(task, phi, key) if online else ()
     opt_state = outer.init(phi)
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
     f = lambda v: jnp.asarray(v, dtype)  # noqa: E731
@@ -228,9 +203,7 @@ def make_step(estimator: Estimator, outer: optax.GradientTransformationExtraArgs
     over the predicted change since the last accepted point) and the line search's
     outcome for nonlinear CG.
     """
-    window, hvp = online_options(estimator) if online else (0, "reverse")
-    pes = online and estimator.name == "pes"
-    core = _pes_core(estimator) if pes else None
+    window = online_of(estimator).window if online else 0
     trust = not online and not resample and guard.tolerance != float("inf")
     smooth = es(float(sigma), SMOOTH_PAIRS, cap=cap) if sigma > 0 else None
 
@@ -254,24 +227,9 @@ def make_step(estimator: Estimator, outer: optax.GradientTransformationExtraArgs
                 plain = lambda p: jnp.mean(  # noqa: E731
                     jax.vmap(lambda k: objective(task, p, k)[0])(ks))
             return judged, value, grad, train_loss, s.carry, plain
-        if pes:
-            # A fresh antithetic perturbation every meta-step; the particles keep theirs.
-            noise = jax.random.fold_in(jax.random.fold_in(key, NOISE_STREAM), s.meta_step)
-            live = _live(s.carry)
-            carry, value, grad, aux = core.step(live, task, s.phi, noise, window)
-            return (value, value, grad, aux["train_loss"], _stored(carry),
-                    lambda p: core.step(live, task, p, noise, window)[1])
-        _, data_key = jax.random.split(key)
-
-        def f(p):
-            hparams = task.space.constrain(p)
-            inner, losses = segment(task, hparams, s.carry, data_key, s.inner_step, window,
-                                    hvp=hvp)
-            value = task.validation_loss(inner.params, hparams, inner.model_state)
-            return value, (inner, losses)
-
-        (value, (carry, losses)), grad = jax.value_and_grad(f, has_aux=True)(s.phi)
-        return value, value, grad, losses[-1], carry, lambda p: f(p)[0]
+        carry, value, grad, train_loss, value_at = estimator.online.step(
+            s.carry, task, s.phi, key, s.meta_step, s.inner_step)
+        return value, value, grad, train_loss, carry, value_at
 
     def step(task, s: TuneState, key):
         if resample:
@@ -382,6 +340,7 @@ def make_step(estimator: Estimator, outer: optax.GradientTransformationExtraArgs
                    "hypergrad_norm": gnorm, "finite": finite, "point_ok": point_ok,
                    "accepted": accepted, "active": active, "scale": state.scale,
                    "reason": reason, "rho": rho, "last_value": s.last_value,
+                   "sigma": s.sigma,
                    **line_search(new_state)}
         return state, metrics
 
@@ -401,7 +360,7 @@ def make_final(estimator: Estimator, *, online: bool = False, resample: bool = F
         if online:
             hparams = task.space.constrain(s.phi)
             values = jax.vmap(lambda w: task.validation_loss(w.params, hparams, w.model_state))(
-                online_weights(s.carry))
+                online_weights(estimator, s.carry))
             return jnp.mean(values)
         if keys == 1:
             return objective(task, s.phi, key)[0]
