@@ -33,6 +33,10 @@ KINDS = {"shift": "augment_shift", "noise": "augment_noise", "dropout": "dropout
 class AugmentConfig(Config):
     """The common keys, the strengths' initial values and which of them are tuned."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     meta_steps: int = 30
     steps: int = 100
     batch_size: int = 50

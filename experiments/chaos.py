@@ -61,6 +61,10 @@ class ChaosConfig(Config):
     ``num_pairs`` and ``cap`` are es's and pes's (``cap`` 1.0: the MSE of predicting zeros,
     standing in for a diverged run); ``channels`` the CNN's widths."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     steps: int = 300
     meta_steps: int = 30
     batch_size: int = 50

@@ -86,6 +86,10 @@ class DistillConfig(Config):
     draws of real images, each with the best of ``grid_points`` learning rates on
     ``[exp(grid_low), exp(grid_high)]``."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     steps: int = 20
     meta_steps: int = 200
     batch_size: int = 0

@@ -81,6 +81,10 @@ class CleaningConfig(Config):
     inner problem strongly convex, as the implicit method needs); ``methods`` the
     estimators compared, comma-separated (``reverse``, ``truncated:K``, ``implicit``)."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     steps: int = 500
     meta_steps: int = 100
     batch_size: int = 0

@@ -76,6 +76,10 @@ class MaclaurinConfig(Config):
     mode's hypergradient at the start is set beside the tuning estimator's: the largest
     difference, XLA's memory and the time of each."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     steps: int = 100
     meta_steps: int = 50
     batch_size: int = 100

@@ -141,6 +141,10 @@ class SeedMnistConfig(SeedCnnConfig):
     """The seed CNN's keys at MNIST sizes; ``outers`` are the hyper-updates compared,
     comma-separated, each run from the same start for ``meta_steps``."""
 
+    # What this experiment measures: one local run from the configured values (``--set
+    # strategy=default`` explores first, as ``hypergrad run`` does by default).
+    strategy: str = "local"
+
     data: str = "mnist"
     data_train_size: int = dataclasses.field(default=5000, metadata={"key": "data.train_size"})
     data_val_size: int = dataclasses.field(default=1000, metadata={"key": "data.val_size"})

@@ -8,14 +8,16 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
-from hypergrad import estimators, outer
+from hypergrad import estimators, outer, validation
 from hypergrad.estimators.implicit import SOLVERS
 from hypergrad.hparams import HyperSpace
 from hypergrad.inner import HVP_MODES
 from hypergrad.messages import LIMIT, show
-from hypergrad.tune import DEFAULT_CLIP
+from hypergrad.tune import DEFAULT_CLIP, DEFAULT_GUARD
+from hypergrad.validation import MAX_INT, MAX_SEED
 
 
 class ConfigError(ValueError):
@@ -24,13 +26,9 @@ class ConfigError(ValueError):
 
 LOSSES = ("mse", "ce")
 #: The strategies a config can name (:data:`hypergrad.tune.strategies.BY_NAME`).
-STRATEGIES = ("local", "explore-refine")
+STRATEGIES = ("default", "local", "explore-refine")
 DTYPES = ("float32", "float64")
 HPARAM_OPTIONS = ("per", "schedule")
-MAX_INT = 2**31 - 1
-"""The largest value of an integer key other than ``seed``: JAX counts in int32."""
-MAX_SEED = 2**32 - 1
-"""The largest seed: ``jax.random.key`` takes 32-bit seeds (64-bit only under x64)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +109,15 @@ class Config:
       budget: wall-clock seconds for the tuning (compilation included; ``meta_steps`` still
         caps the meta-steps): no meta-step starts that is expected to end past it; ``none``
         (default) runs ``meta_steps``. See :func:`hypergrad.tune`.
-      strategy: ``local`` (default: one run from the configured values, or a population
-        around them) or ``explore-refine`` (the default of ``hg.tune``: explore the search
-        box, then refine the best starts, ``population`` of them at once; with
-        ``explore=N`` it explores N configurations first, else 15% of ``budget`` or 24
-        configurations). See :mod:`hypergrad.tune.strategies`.
+      strategy: ``default``: what ``hg.tune`` does by default
+        (:func:`hypergrad.tune.strategies.chosen`): ``explore-refine``, or ``local``
+        where ``population``, ``explore`` or ``online`` is set; ``local``: one run from
+        the configured values, or a population around them; ``explore-refine``: explore
+        the search box, then refine from the configured values (and the best explored
+        starts, ``population`` of them at once) while the search goes on between
+        meta-steps; with ``explore=N`` it explores N configurations first, else 15% of
+        ``budget`` or 24 configurations. See :mod:`hypergrad.tune.strategies`. The
+        experiments that reproduce a paper's method default to ``local``.
       population: tune this many hyperparameter initializations at once, as one vmapped
         meta-step (``gd`` and ``adam`` only); see :mod:`hypergrad.population`.
       population_spread: member 0 starts at the configured values, member m > 0 at
@@ -165,7 +167,7 @@ class Config:
     resample: bool = False
     explore: int = 0
     budget: float | None = None
-    strategy: str = "local"
+    strategy: str = "default"
     population: int = 1
     population_spread: float = 0.5
     population_seeds: bool = False
@@ -253,25 +255,19 @@ class Config:
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ConfigError(f"outer_lr must be > 0 (or none for the default), got "
                               f"{self.outer_lr:g}")
-        if not self.clip >= 0:
-            raise ConfigError(f"clip must be >= 0 (0 turns it off), got {self.clip:g}")
+        _shared(validation.clip, "clip", self.clip)
         _at_least(self, "population", 1)
         _at_least(self, "devices", 0)
-        if not self.population_spread >= 0:
-            raise ConfigError(f"population_spread must be >= 0, got {self.population_spread:g}")
-        if self.population > 1 and self.outer == "ncg":
-            raise ConfigError("population > 1 supports outer=gd or adam, not ncg (its line "
-                              "search stops and restarts each member on its own schedule)")
-        if self.population > 1 and self.online:
-            raise ConfigError("population > 1 does not support online=true; tune one "
-                              "population member online, or set online=false")
+        _shared(validation.spread, "population_spread", self.population_spread)
+        _shared(lambda: validation.population(self.population, ncg=self.outer == "ncg",
+                                              online=self.online))
         _at_least(self, "explore", 0)
         if self.budget is not None and not 0 < self.budget < math.inf:
             raise ConfigError(f"budget must be a positive number of seconds (or none), got "
                               f"{self.budget:g}")
-        if self.strategy != "local" and self.online:
+        if self.strategy == "explore-refine" and self.online:
             raise ConfigError("online tuning is one training run: set strategy=local")
-        if self.explore and self.population > 1 and self.strategy == "local":
+        if self.explore and self.population > 1 and self.strategy != "explore-refine":
             raise ConfigError("explore picks one start; with population > 1 set explore=0 "
                               "(members start around the configured values)")
         try:
@@ -279,6 +275,7 @@ class Config:
         except ValueError as e:  # ConfigError included
             raise ConfigError(str(e)) from None
         _finite_floats(self)
+        _reachable(self.space())
         return self
 
     def load_data(self) -> Any:
@@ -328,20 +325,42 @@ def parse_widths(key: str, text: str, at_least: int = 1) -> tuple[int, ...]:
     return widths
 
 
+def _shared(check: Callable[..., Any], *args: Any) -> Any:
+    """A rule of :mod:`hypergrad.validation` (the one ``hg.tune`` runs too), its
+    refusal a :class:`ConfigError`."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _at_least(config: Config, name: str, low: int) -> None:
-    value = getattr(config, name)
-    if value < low:
-        key = _key(next(f for f in dataclasses.fields(config) if f.name == name))
-        raise ConfigError(f"{key} must be at least {low}, got {show(value)}")
+    key = _key(next(f for f in dataclasses.fields(config) if f.name == name))
+    # No upper bound here: _bounded_ints checks it first (and seed has its own).
+    _shared(validation.integer, key, getattr(config, name), low, None)
 
 
 def _bounded_ints(config: Config) -> None:
     """Integer keys fit in int32 (``steps=10**20`` is an OverflowError deep in JAX)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if (f.name != "seed" and isinstance(value, int) and not isinstance(value, bool)
-                and value > MAX_INT):
-            raise ConfigError(f"{_key(f)} must be at most {MAX_INT}, got {show(value)}")
+        if f.name != "seed" and isinstance(value, int) and not isinstance(value, bool):
+            _shared(validation.integer, _key(f), value, None, MAX_INT)
+
+
+def _reachable(space: HyperSpace) -> None:
+    """Each constrained hyperparameter's initial value lies where the guard of ``hypergrad
+    run`` (:data:`hypergrad.tune.DEFAULT_GUARD`) accepts steps: ``learning_rate=1e-300``
+    is -690 in log units, beyond ``max_phi``, and every step from it would be rejected.
+    (``real`` ones are left to ``hg.tune``, which knows the guard: an experiment with its
+    own, such as ``seed-recurrence``, bounds its slope itself.)"""
+    import jax.numpy as jnp
+
+    max_phi = DEFAULT_GUARD.max_phi
+    for name, c in space.constraints.items():
+        if c.kind != "real":
+            low, high = (float(c.to_natural(jnp.asarray(b))) for b in (-max_phi, max_phi))
+            _shared(validation.start, name, c.value, low, high, max_phi)
 
 
 def _finite_floats(config: Config) -> None:
@@ -352,8 +371,8 @@ def _finite_floats(config: Config) -> None:
         kind = hints[f.name]
         options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
         value = getattr(config, f.name)
-        if float in options and isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{_key(f)} must be a finite number, got {value}")
+        if float in options and isinstance(value, float):
+            _shared(validation.number, _key(f), value)
 
 
 def _one_of(config: Config, name: str, choices: tuple[str, ...]) -> None:

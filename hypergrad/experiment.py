@@ -21,6 +21,7 @@ from hypergrad import estimators, outer
 from hypergrad.config import Config, ConfigError
 from hypergrad.estimators import Estimator
 from hypergrad.inner import batch_mean
+from hypergrad.messages import show
 from hypergrad.models import accuracy
 from hypergrad.task import Task
 from hypergrad.unroll import objective
@@ -104,11 +105,14 @@ def experiments() -> dict[str, Experiment]:
 def get_experiment(name: str) -> Experiment:
     """The experiment called ``name``; a :class:`ConfigError` names the valid ones."""
     available = experiments()
-    if name not in available:
-        close = difflib.get_close_matches(name, list(available), n=1)
+    if not isinstance(name, str):  # a hand-edited config.json can hold any JSON there
+        name_ok, close = False, []
+    else:
+        name_ok, close = name in available, difflib.get_close_matches(name, available, n=1)
+    if not name_ok:
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(
-            f"unknown experiment {name!r}{hint} (available: {', '.join(available)}; "
+            f"unknown experiment {show(name)}{hint} (available: {', '.join(available)}; "
             "see `hypergrad list`)"
         )
     return available[name]
@@ -139,14 +143,20 @@ def keys_for(config: Config) -> jax.Array:
 
 
 def strategy_for(config: Config) -> Any:
-    """The strategy a config asks for: ``None`` for ``local`` (:func:`hypergrad.tune`
+    """The strategy a config asks for: ``None`` for a local run (:func:`hypergrad.tune`
     then runs :class:`~hypergrad.tune.strategies.Local` with ``population`` and
     ``explore``), else :class:`~hypergrad.tune.strategies.ExploreRefine` refining
-    ``population`` starts at once after ``explore`` configurations (0: its default size)."""
+    ``population`` starts at once after ``explore`` configurations (0: its default size).
+    ``strategy=default`` follows :func:`hypergrad.tune.strategies.chosen`, the rule of
+    ``hg.tune``."""
+    from hypergrad.tune.strategies import DEFAULT, ExploreRefine, Local, chosen
+
     if config.strategy == "local":
         return None
-    from hypergrad.tune.strategies import DEFAULT, ExploreRefine
-
+    if config.strategy == "default":
+        picked = chosen(population=None if config.population == 1 else config.population,
+                        explore=config.explore, online=config.online)
+        return None if isinstance(picked, Local) else picked
     return ExploreRefine(members=config.population,
                          explore=config.explore if config.explore else DEFAULT.explore)
 

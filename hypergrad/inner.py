@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hypergrad import validation
+
 PyTree = Any
 
 
@@ -276,7 +278,22 @@ def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
 
     Returns:
       an :class:`InnerOptimizer` named ``"optax.NAME"``.
+
+    Raises:
+      TypeError: ``factory`` is not a factory (a number, or an optimizer already built:
+        ``optax.adam(0.1)``); or, when a task first traces the update, the optimizer
+        needs the objective (a line search: ``optax.lbfgs``).
+      ValueError: when a task first traces the update, a tuned hyperparameter is one
+        optax uses in Python control flow (``exponential_decay``'s ``decay_rate``,
+        ``cosine_onecycle_schedule``'s ``pct_start``): it can only be fixed.
     """
+    if isinstance(factory, tuple) and hasattr(factory, "init") and hasattr(factory, "update"):
+        raise TypeError("from_optax takes an optax optimizer factory and its arguments, not "
+                        "an optimizer built from them (it calls the factory again with the "
+                        "tuned values at every step): write from_optax(optax.adam, "
+                        "learning_rate=0.1), not from_optax(optax.adam(0.1))")
+    validation.function("from_optax's factory", factory,
+                        "returning an optax GradientTransformation (optax.adamw, say)")
     owner = f"from_optax({getattr(factory, '__name__', 'factory')})"
     signature: Mapping[str, inspect.Parameter]
     try:
@@ -329,8 +346,47 @@ def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
     def init(params):
         return factory(**kwargs({}, placeholder=True)).init(params)
 
+    def untraceable(grads, state, params, hparams) -> list[str]:
+        """The tuned names that optax reads as Python values: each traced alone."""
+        tuned = [n for n in tunable if n in hparams]
+        fixed = {n: 1.0 if tunable[n] is None else tunable[n] for n in tuned}
+        found = []
+        for name in tuned:
+            def probe(v, name=name):
+                return factory(**kwargs(fixed | {name: v})).update(grads, state, params)
+
+            value = hparams[name]
+            try:
+                jax.eval_shape(probe, jax.ShapeDtypeStruct(jnp.shape(value),
+                                                           jnp.result_type(value)))
+            except _TRACER_ERRORS:
+                found.append(name)
+            except Exception:  # noqa: BLE001, S110 - another problem: not this name's
+                pass
+        return found or tuned
+
     def update(grads, state, params, hparams):
-        updates, new_state = factory(**kwargs(hparams)).update(grads, state, params)
+        try:
+            updates, new_state = factory(**kwargs(hparams)).update(grads, state, params)
+        except _TRACER_ERRORS:
+            names = untraceable(grads, state, params, hparams)
+            users = sorted({getattr(s.factory, "__name__", "the schedule")
+                            for s in schedules.values()
+                            if any(a in names for a, _ in s.values)} or {owner[11:-1]})
+            target = "hg.inner.schedule(...)" if set(names) & scheduled else owner
+            raise ValueError(
+                f"{owner}: {', '.join(users)} uses {', '.join(names)} in Python control "
+                f"flow (an if or an int() while building the optimizer), so "
+                f"{'it' if len(names) == 1 else 'they'} cannot be tuned: remove "
+                f"{', '.join(names)} from the HyperSpace and give {target} a fixed "
+                f"value") from None
+        except TypeError as e:
+            if "value_fn" not in str(e):
+                raise
+            raise TypeError(f"{owner}: its update needs the objective (value, grad, "
+                            f"value_fn: a line search, as optax.lbfgs has), which an inner "
+                            f"training step does not have; choose an optimizer without a "
+                            f"line search (optax.sgd, optax.adam, ...)") from None
         updates = jax.tree.map(lambda u, w: u.astype(w.dtype), updates, params)
         new_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype),
                                  new_state, state)
@@ -341,6 +397,10 @@ def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
                      for n, v in tunable.items())
     return InnerOptimizer(init, update, tuple(tunable), f"optax.{owner[11:-1]}", defaults)
 
+
+# What JAX raises where a traced value is used as a Python value (in an ``if``, ``int()``).
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+                  jax.errors.TracerArrayConversionError)
 
 HVP_MODES = ("reverse", "forward")
 SymbolicZero = jax.custom_derivatives.SymbolicZero

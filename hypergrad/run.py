@@ -85,7 +85,7 @@ def use_determinism(config: Config) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
 
 
-def _scorer(problem: Problem, online: bool, mesh, size: int):
+def _scorer(problem: Problem, estimator: Any, online: bool, mesh, size: int):
     """Vmapped ``(task, phi, [carry,] keys) -> metrics``: the validation loss and the
     problem's test scores of training with ``phi`` (online: of the weights ``carry``)."""
 
@@ -103,7 +103,7 @@ def _scorer(problem: Problem, online: bool, mesh, size: int):
         del key
         hparams = task.space.constrain(phi)
         each = jax.vmap(lambda w: scores(task, w.params, hparams, w.model_state))(
-            online_weights(carry))
+            online_weights(estimator, carry))
         return jax.tree.map(lambda a: jnp.mean(a, axis=0), each)
 
     return population_lib.vmapped(with_key(weights if online else trained), mesh, size)
@@ -134,7 +134,9 @@ def run(experiment: Experiment, config: Config, workdir: str | Path, *, progress
         return _run_main(experiment, config, workdir, progress, resume, out, began)
     if not resume:
         files.check_new(workdir)
-    elif not (workdir / "config.json").is_file():
+    else:
+        files.check_path(workdir)
+    if resume and not (workdir / "config.json").is_file():
         raise ConfigError(f"no run to resume in {workdir} (no config.json); start it "
                           "without --resume")
     problem = build(experiment, config)
@@ -174,10 +176,10 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     explored = None
     strategy = strategy_for(config)
     plan = None
+    first = jax.random.wrap_key_data(population_lib.member_keys(key, size)[0])
     if strategy is not None and not (resume and ckpt.exists()):
-        keys_n = strategy.keys
-        first = jax.random.wrap_key_data(population_lib.member_keys(key, size)[0])
-        plan = strategy.plan(task, first, phi, budget=config.budget, began=began, keys=keys_n)
+        plan = strategy.plan(task, first, phi, budget=config.budget, began=began,
+                             keys=strategy.keys)
         explored = plan.explored
         template = states(task, est, opt, plan.phis,
                                    population_lib.member_keys(key, size), config.online)
@@ -187,7 +189,7 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
         template = initial_state(
             task, est, opt, key=key, phi=phi, population=size,
             spread=config.population_spread, online=config.online)
-    scorer = _scorer(problem, config.online, mesh, size)
+    scorer = _scorer(problem, est, config.online, mesh, size)
     placed = population_lib.put(task, mesh, replicate=True)
 
     def score(state: TuneState, phi) -> list[dict[str, float]]:
@@ -206,6 +208,10 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             raise files.WorkdirError(
                 f"{workdir / 'config.json'} does not match the config its checkpoint was made "
                 f"under ({', '.join(changed)}); restore it, or start a new run")
+        if strategy is not None and meta.get("strategy") is not None:
+            # The search and what the loop did with it, as they were at the checkpoint.
+            plan = strategy.resume(task, first, phi, meta["strategy"], began=began,
+                                   keys=strategy.keys)
         log.keep(meta["meta_step"])
         # config.json says what the run is now (a resumed run may change meta_steps).
         files.write_config(workdir, experiment.name, config.to_dict())
@@ -220,6 +226,8 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             meta["explored"] = {"evaluations": len(explored.val_loss),
                                 "best_val_loss": explored.best_val_loss,
                                 "seconds": float(explored.seconds[-1])}
+        if plan is not None and plan.snapshot() is not None:
+            meta["strategy"] = plan.snapshot()
         log.start()
         files.save_checkpoint(ckpt, population_lib.host(state), meta)
         if population is None:
@@ -229,6 +237,8 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     def save(state, meta_step):
         meta["meta_step"] = meta_step
         meta["elapsed"] = elapsed_before + time.perf_counter() - began
+        if plan is not None and plan.snapshot() is not None:
+            meta["strategy"] = plan.snapshot()
         host_state = population_lib.host(state)
         if population is None:
             files.save_hparams(workdir, task.space, population_lib.member(host_state.phi, 0),
@@ -299,7 +309,9 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
         rows.append(row)
     b = history.final.member or 0
     summary: dict[str, Any] = {"experiment": experiment.name, **rows[int(b)],
-                               "meta_steps_run": done, "stopped_early": history.stopped}
+                               "meta_steps_run": done, "stopped_early": history.stopped,
+                               "stop_reason": history.stop_reason,
+                               "strategy": history.strategy, "diagnosis": history.diagnosis}
     if "explored" in meta:
         summary["explored"] = meta["explored"]
     if population is not None:
@@ -320,6 +332,8 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     files.print_summary(summary, out)
     if history.stopped:
         print(history.stopped, file=out or sys.stdout)
+    for line in history.diagnosis:
+        print(line, file=out or sys.stdout)
     return json.loads(json.dumps(json_safe(summary)))
 
 
@@ -352,7 +366,7 @@ def resume_config(workdir: str | Path, assignments: list[str],
     try:
         saved = json.loads(path.read_text())
         saved_name = saved.pop("experiment")
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         raise ConfigError(f"{path} is unreadable; the run cannot be resumed") from None
     if name is not None and name != saved_name:
         raise ConfigError(f"{workdir} holds a run of {saved_name!r}, not {name!r}")

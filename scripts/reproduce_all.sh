@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=runs/reproduce-$(date +%Y%m%d-%H%M%S)
 mkdir -p docs/figures
-# The seed CNN with each hyper-update, then the three overlaid by `hypergrad plot`.
+# The seed CNN with each hyper-update (one local run each, as the guide's table compares
+# them), then the three overlaid by `hypergrad plot`.
 for outer in adam gd ncg; do
-  hypergrad run seed-cnn --quiet --set outer=$outer --workdir "$work/seed-cnn-$outer"
+  hypergrad run seed-cnn --quiet --set strategy=local --set outer=$outer \
+    --workdir "$work/seed-cnn-$outer"
 done
 cp "$work/seed-cnn-adam/val_loss.png" docs/figures/seed_cnn_val_loss.png
 cp "$work/seed-cnn-adam/hparams.png" docs/figures/seed_cnn_hparams.png
@@ -15,13 +17,13 @@ hypergrad plot "$work"/seed-cnn-{adam,gd,ncg} --out "$work/compare"
 cp "$work/compare/compare_val_loss.png" docs/figures/seed_cnn_compare_val_loss.png
 cp "$work/compare/compare_hparams.png" docs/figures/seed_cnn_compare_hparams.png
 # Per-layer x per-step learning rates and per-weight decays (Maclaurin et al. 2015, Fig. 2).
-hypergrad run seed-cnn --quiet --set outer=adam --set outer_lr=0.05 \
+hypergrad run seed-cnn --quiet --set strategy=local --set outer=adam --set outer_lr=0.05 \
   --set hparams.learning_rate.per=layer \
   --set hparams.learning_rate.schedule=per_step --set hparams.weight_decay.per=parameter \
   --workdir "$work/seed-cnn-schedules"
 cp "$work/seed-cnn-schedules/schedules.png" docs/figures/seed_cnn_schedules.png
 # The loss function and the activation as hyperparameters: an MSE/CE mix, a slope per layer.
-hypergrad run seed-cnn --quiet --set outer=gd --set loss_mix=0.5 \
+hypergrad run seed-cnn --quiet --set strategy=local --set outer=gd --set loss_mix=0.5 \
   --set hparams.leaky_slope.per=layer \
   --workdir "$work/seed-cnn-lossmix"
 cp "$work/seed-cnn-lossmix/hparams.png" docs/figures/seed_cnn_lossmix_hparams.png

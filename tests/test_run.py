@@ -20,6 +20,7 @@ from hypergrad.workdir import WorkdirError
 class QuadConfig(Config):
     steps: int = 10
     meta_steps: int = 4
+    strategy: str = "local"  # these tests watch one local run's guard and files
     learning_rate: float = 0.1
     nan_above: float = 10.0  # the validation loss is NaN for learning rates above this
 
@@ -98,12 +99,22 @@ def test_non_finite_values_never_reach_phi(tmp_path):
 
 
 def test_a_start_that_diverges_stops_at_once_and_keeps_the_log(tmp_path):
-    # Re-evaluating the same point gives the same NaN: the run says so after the first.
+    # Re-evaluating the same point gives the same NaN: a local run says so after the first.
     config = QuadConfig(learning_rate=0.5, nan_above=0.3, meta_steps=10)
     with pytest.raises(TuneError, match="starting point"):
         run(QUAD, config, tmp_path, progress=False, max_rejections=3)
     lines = records(tmp_path)
     assert len(lines) == 1 and "starting point itself" in lines[0]["warning"]
+
+
+def test_the_default_strategy_restarts_a_start_that_diverges_from_the_search(tmp_path):
+    config = QuadConfig(learning_rate=0.5, nan_above=0.3, meta_steps=4, strategy="default")
+    summary = run(QUAD, config, tmp_path, progress=False, max_rejections=3)
+    lines = records(tmp_path)
+    assert "starting point itself" in lines[0]["warning"]
+    assert len(lines) == 4  # restarted from the search's best point, and refined
+    assert np.isfinite(summary["best_val_loss"])
+    assert summary["best_hparams"]["learning_rate"] <= 0.3
 
 
 def test_too_many_rejections_in_a_row_stop_the_run_with_a_summary(tmp_path):

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import hypergrad as hg
-from hypergrad.tune import RESCORE_KEYS
+from hypergrad.population import member_keys
+from hypergrad.tune import RESCORE_KEYS, states
 from hypergrad.tune.strategies import space_filling
 from hypergrad.unroll import objective
 
@@ -57,11 +58,64 @@ def test_the_default_finds_the_better_basin_a_local_run_does_not():
     assert trace.best_val_loss == pytest.approx(default.best.val_loss)
 
 
+def test_late_in_a_run_a_refinement_stuck_in_a_worse_basin_moves_to_the_search_best():
+    # 8 meta-steps: the refinement descends into the basin at +1 without stopping; in the
+    # last quarter it goes on from the search's point in the better basin, so the final
+    # point is the best one, and the diagnosis says why.
+    task = basins_task()
+    history = hg.tune(task, key=jax.random.key(0), meta_steps=8,
+                      strategy=hg.ExploreRefine(explore=8, bounds=BOX))
+    stuck = [d for d in history.diagnosis if "stuck in a basin" in d]
+    assert len(stuck) == 1 and stuck[0].startswith("meta-step 5:")
+    assert history.val_loss[:6].min() > 0.29  # the refinement alone stayed at +1
+    assert history.final.hparams["x"] < -0.9
+    assert history.final.val_loss == history.best.val_loss < -0.29
+
+
 def test_the_call_with_no_estimator_or_outer_is_the_default_strategy():
     task = basins_task()
     history = hg.tune(task, key=jax.random.key(1), meta_steps=3)
     assert history.strategy == "explore-refine" and history.explored is not None
     assert history.stop_reason == "meta_steps" and len(history) == 3
+
+
+def test_without_a_budget_the_run_is_counted_in_trainings_and_resumes_exactly():
+    # The search's share is counted in trainings (STEP_TRAININGS a meta-step), so two
+    # runs agree evaluation for evaluation; a run stopped after its third meta-step (as
+    # `hypergrad run` checkpoints in its callback) and resumed from the plan's snapshot
+    # ends where one run ends.
+    task, key = basins_task(), jax.random.key(2)
+    strategy = hg.ExploreRefine(explore=8, bounds=BOX)
+    runs = [hg.tune(task, key=key, meta_steps=6, strategy=strategy) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].trace().val_loss, runs[1].trace().val_loss)
+
+    est, outer = hg.estimators.reverse(), hg.outer.by_name("adam")
+    phi, began = task.space.init(), time.perf_counter()
+    plan = strategy.plan(task, key, phi, budget=None, began=began, keys=1)
+    saved = []
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint(record, state):
+        saved.append((record.get("val_loss", record.get("rejected_val_loss")), state,
+                      plan.snapshot()))
+        if len(saved) == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        hg.tune(task, est, outer, key=key, meta_steps=6, strategy=strategy,
+                state=states(task, est, outer, plan.phis, member_keys(key, 1)), plan=plan,
+                callback=checkpoint)
+    _, state, memory = saved[-1]
+    assert memory["evaluations"] > memory["explored"] == 9  # the start and 8 draws
+    again = strategy.resume(task, key, phi, memory, began=began, keys=1)
+    assert again.searcher.losses == plan.searcher.losses
+    rest = hg.tune(task, est, outer, key=key, meta_steps=6, strategy=strategy,
+                   state=state, plan=again)
+    np.testing.assert_array_equal([v for v, _, _ in saved] + list(rest.val_loss),
+                                  runs[0].val_loss)
+    assert rest.diagnosis == runs[0].diagnosis
 
 
 def test_the_trust_region_never_accepts_an_increase():

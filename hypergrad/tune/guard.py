@@ -32,8 +32,9 @@ its exact hypergradient says nothing about a step of that size
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from hypergrad import validation
 
 # -- why a point was rejected (``metrics["reason"]``) ---------------------------------
 OK, NONFINITE, DIVERGENT, INCREASE, OUT_OF_RANGE = 0, 1, 2, 3, 4
@@ -41,7 +42,7 @@ OK, NONFINITE, DIVERGENT, INCREASE, OUT_OF_RANGE = 0, 1, 2, 3, 4
 REJECTIONS = {
     NONFINITE: "non-finite validation loss or hypergradient",
     DIVERGENT: "divergent validation loss ({value:.4g}) or hypergradient (norm {gnorm:.4g})",
-    INCREASE: "the last step raised the validation loss ({last:.6g} -> {value:.6g}); "
+    INCREASE: "the last step raised the {loss} ({last:.6g} -> {value:.6g}); "
               "back to the last accepted point with half the step",
     OUT_OF_RANGE: "non-finite or out-of-range new hyperparameters",
 }
@@ -100,21 +101,25 @@ class Guard(NamedTuple):
     chaos_ratio: float = 0.25
 
     def validate(self) -> Guard:
-        """This guard, or a ``ValueError`` naming the field that is out of range."""
+        """This guard, or a ``TypeError``/``ValueError`` naming the field that is wrong.
+
+        The counters are integers from 1 to :data:`hypergrad.validation.MAX_INT` (the
+        meta-step counts in int32); the ratios, ``max_phi`` and ``tolerance`` are numbers
+        (``inf`` turns a check off, NaN is refused: every comparison with it fails, so
+        it would reject a healthy start); ``grad_ratio`` and ``max_phi`` are positive (0
+        would reject every hypergradient or every step).
+        """
         for name in ("max_rejections", "max_search_failures", "chaos_halvings"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Guard.{name} must be a positive integer, got {v!r}")
-        for name in ("value_ratio", "grad_ratio", "max_phi", "tolerance", "chaos_ratio"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or v < 0:
-                raise ValueError(f"Guard.{name} must be a number >= 0 (inf turns it off), "
-                                 f"got {v!r}")
-        if self.max_phi <= 0:
-            raise ValueError(f"Guard.max_phi must be > 0, got {self.max_phi!r}")
+            validation.integer(f"Guard.{name}", getattr(self, name), low=1)
+        for name in ("value_ratio", "tolerance", "chaos_ratio"):
+            validation.number(f"Guard.{name}", getattr(self, name), low=0.0, finite=False,
+                              note=" (inf turns it off)")
+        for name in ("grad_ratio", "max_phi"):
+            validation.number(f"Guard.{name}", getattr(self, name), low=0.0, strict=True,
+                              finite=False, note=" (inf turns it off)")
         return self
 
-    def rejection(self, reason: int, **values: float) -> str:
+    def rejection(self, reason: int, **values: Any) -> str:
         """The message of a rejected meta-step (``reason`` one of the codes above)."""
         return REJECTIONS[reason].format(**values)
 

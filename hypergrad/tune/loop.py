@@ -34,9 +34,11 @@ import optax
 
 from hypergrad import outer as outer_lib
 from hypergrad import population as population_lib
+from hypergrad import validation
 from hypergrad.estimators.base import Estimator
 from hypergrad.estimators.reverse import reverse
 from hypergrad.task import Task
+from hypergrad.tune import checks
 from hypergrad.tune import strategies as strategies_lib
 from hypergrad.tune.guard import (
     ACTIVE,
@@ -55,7 +57,7 @@ from hypergrad.tune.step import (
     init_state,
     make_final,
     make_step,
-    online_options,
+    online_of,
     with_key,
 )
 from hypergrad.tune.strategies import Local, Plan
@@ -71,6 +73,13 @@ RESCORE_KEYS = 4
 RESCORE_CANDIDATES = 5
 _RESCORE_STREAM = 0x5C0E  # folded into the key: the re-scoring keys train nothing else
 _RESTART_SPREAD = 0.5
+#: The last part of a run (of its meta-steps or budget) in which :meth:`_Run.exploit`
+#: moves a member to the search's best point where that is better.
+LATE = 0.75
+#: Without a budget, the search's share of the run is counted in trainings: a meta-step
+#: counts as this many (the seed CNN's reverse-mode hypergradient took 4.45 trainings'
+#: time on a 2-core CPU: docs/guide.md, ``scripts/bench_unroll.py``).
+STEP_TRAININGS = 4
 #: Each round of sharing time with the black-box search, the gains and seconds so far
 #: are multiplied by this: the recent rounds count most.
 _DECAY = 0.8
@@ -95,17 +104,11 @@ def default_estimator(task: Task) -> Estimator:
 
 def _strategy(strategy: Any, *, explicit: bool, population: int | None, spread: float,
               explore: int, online: bool, state: Any) -> Any:
-    if strategy is None:
-        if explicit or population is not None or explore or online or state is not None:
-            return Local(population=population, spread=spread, explore=explore)
-        return strategies_lib.DEFAULT
-    if isinstance(strategy, str):
-        try:
-            strategy = strategies_lib.BY_NAME[strategy]
-        except KeyError:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of "
-                             f"{', '.join(strategies_lib.BY_NAME)}") from None
-    if population is not None or explore:
+    given = strategy is not None
+    strategy = strategies_lib.chosen(strategy, local=explicit or state is not None,
+                                     population=population, spread=spread, explore=explore,
+                                     online=online)
+    if given and (population is not None or explore):
         raise ValueError("population and explore belong to the strategy: pass "
                          "strategy=hg.Local(population=..., explore=...) or "
                          "hg.ExploreRefine(members=..., explore=...), not both")
@@ -169,7 +172,8 @@ def tune(task: Task, estimator: Estimator | None = None,
         :data:`hypergrad.outer.DEFAULT` (Adam, step 0.2), as ``hypergrad run``.
       key: the random key of every training run (initial weights where the task draws
         them, minibatch order); for a population, one key shared by all members or a
-        stacked array of one key per member (``jax.random.split(key, P)``).
+        stacked array of one key per member (``jax.random.split(key, P)``); a legacy
+        ``jax.random.PRNGKey`` is one key too.
       budget: wall-clock seconds from this call, compilation and exploration included;
         the loop starts no meta-step it expects to end past it.
       meta_steps: at most this many meta-steps (for online tuning at most, and by
@@ -204,7 +208,9 @@ def tune(task: Task, estimator: Estimator | None = None,
         ``metrics.jsonl`` holds it) and the new :class:`TuneState`.
       progress: show a progress bar.
       state: continue from this state (``history.state``, or a checkpoint's) instead of
-        starting; ``meta_steps`` counts from the run's start.
+        starting; ``meta_steps`` counts from the run's start. A state made for another
+        run (other hyperparameters, population size, outer optimizer, online or not) is
+        refused (:func:`hypergrad.tune.checks.state`).
       plan: with ``state``, the strategy's plan it was made from (its queue of starts,
         exploration and scored start), where the caller made it beforehand
         (``hypergrad run`` checkpoints the start before the first meta-step).
@@ -213,13 +219,31 @@ def tune(task: Task, estimator: Estimator | None = None,
       a :class:`History`.
 
     Raises:
+      TypeError, ValueError: an argument is wrong; every one is checked before anything
+        compiles, and the message names it (:mod:`hypergrad.validation`: the rules the
+        command line shares, with the same messages).
       TuneError: no meta-step was ever accepted (the start itself is not finite or
         diverges), so there is no point to report.
     """
     began = time.perf_counter()
+    # Every argument is checked here, before anything compiles (hypergrad.validation
+    # holds the rules the command line shares).
+    key = validation.random_key("key", key)
     if not isinstance(guard, Guard):
         raise TypeError(f"guard must be a hg.Guard, got {type(guard).__name__}")
     guard = guard.validate()
+    clip = validation.clip("clip", clip)
+    spread = validation.spread("spread", spread)
+    devices = validation.integer("devices", devices)
+    explore = validation.integer("explore", explore)
+    if population is not None:
+        population = validation.integer("population", population, low=1)
+    if meta_steps is not None:
+        meta_steps = validation.integer("meta_steps", meta_steps, low=1)
+    if callback is not None:
+        validation.function("callback", callback, "(record, state) -> None")
+    if phi is not None:
+        checks.phi(phi, task.space)
     explicit = estimator is not None or outer is not None
     strategy = _strategy(strategy, explicit=explicit, population=population, spread=spread,
                          explore=explore, online=online, state=state)
@@ -233,8 +257,10 @@ def tune(task: Task, estimator: Estimator | None = None,
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
                                or not 0 < budget < math.inf):
         raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
+    size = checks.members(strategy, plan)
+    checks.population(size, outer, task.space, online)
     if online:
-        window, _ = online_options(estimator)
+        window = online_of(estimator).window
         most = task.steps // window
         if most < 1:
             raise ValueError(f"online tuning trains windows of {window} steps, longer than the "
@@ -246,9 +272,11 @@ def tune(task: Task, estimator: Estimator | None = None,
             raise ValueError("meta_steps must be a positive integer, got None (or give "
                              "budget, in seconds)")
         budget = DEFAULT_BUDGET
-    if meta_steps is not None and (isinstance(meta_steps, bool)
-                                   or not isinstance(meta_steps, int) or meta_steps < 1):
-        raise ValueError(f"meta_steps must be a positive integer, got {meta_steps}")
+    if state is None:
+        checks.start(task.space.init() if phi is None else phi, task.space, guard.max_phi)
+    else:
+        checks.state(state, task.space, size, key, lambda phis, keys: states(
+            task, estimator, outer, phis, keys, online))
     keys_n = strategy.keys
     phi0 = task.space.init() if phi is None else phi
 
@@ -285,8 +313,12 @@ class _Run:
         self.plan, self.key, self.online, self.resample = plan, key, online, resample
         self.clip, self.keys_n = clip, keys_n
         self.population = plan.population
-        self.queue = list(plan.queue)
-        self.diagnosis: list[str] = []
+        # What the run has done with its plan, kept in the plan's memory (JSON-ready) so a
+        # checkpoint carries it (Plan.snapshot); a resumed plan's memory restores it.
+        memory = self.memory = plan.memory if plan.memory is not None else {}
+        memory.setdefault("queue_used", 0)
+        self.queue = list(plan.queue)[memory["queue_used"]:]
+        self.diagnosis: list[str] = memory.setdefault("diagnosis", [])
         self.placed = population_lib.put(task, mesh, replicate=True)
         self.keys = population_lib.put(keys, mesh)
         self.raw_keys = keys
@@ -297,11 +329,17 @@ class _Run:
         self.step: Any = None
         self.done = 0
         self.early = early
-        self.gains = {"refine": 0.0, "refine_s": 0.0, "explore": 0.0, "explore_s": 0.0}
+        self.gains = memory.setdefault(
+            "gains", {"refine": 0.0, "refine_s": 0.0, "explore": 0.0, "explore_s": 0.0})
         searcher = plan.searcher
         found = math.inf if searcher is None else float(searcher.best()[1])
-        self.own = {"refine": math.inf, "explore": found}  # each side's best so far
-        self.restarted_at = math.inf
+        # each side's best so far (JSON has no inf: a restored None is inf)
+        own = memory.setdefault("own", {"refine": math.inf, "explore": found})
+        for k, v in own.items():
+            own[k] = math.inf if v is None else v
+        self.own = own
+        if memory.get("restarted_at") is None:
+            memory["restarted_at"] = math.inf
 
     def _step_fn(self, sigma: float, cap: float | None):
         return with_key(make_step(
@@ -371,15 +409,18 @@ class _Run:
                 if "val_loss" in rec:
                     bar.set_postfix_str(f"val={rec['val_loss']:.4f}")
                 bar.update(1)
-                if callback is not None:
-                    callback(rec, state)
                 newly = np.nonzero((before == ACTIVE) & (retired != ACTIVE))[0]
                 if newly.size and stopped is None:
                     state = self.react(state, newly, i)
                     retired = np.asarray(population_lib.host(state.retired))
                 if self.plan.searcher is not None and stopped is None:
                     state = self.share(state, m, seconds[-1], i, budget, began)
+                    if self._late(i, meta_steps, budget, began):
+                        state = self.exploit(state, i)
                     retired = np.asarray(population_lib.host(state.retired))
+                # After the strategy's reactions: a checkpoint made here resumes exactly.
+                if callback is not None:
+                    callback(rec, state)
                 i += 1
         if stop_reason == "budget":
             self.diagnosis.append(f"budget spent: {budget:g} s after {i} meta-steps")
@@ -398,8 +439,11 @@ class _Run:
         ``seconds * share / (1 - share)``, ``share`` its part of the time: the fraction of
         the recent progress per second (each side's own best lowered, decayed by
         :data:`_DECAY` each round) that was the search's, kept within [0.2, 0.8] so neither
-        side starves. A member that stops restarts from the search's best point where that
-        is below every member's best (:meth:`react`)."""
+        side starves. Without a budget the time is counted in trainings instead of
+        seconds (a meta-step as :data:`STEP_TRAININGS`, a configuration as one), so the
+        run does not depend on the machine's speed and resumes exactly. A member that
+        stops restarts from the search's best point where that is below every member's
+        best (:meth:`react`)."""
         searcher, acc = self.plan.searcher, self.gains
         ok = np.asarray(m["point_ok"], bool)
         values = np.where(ok, np.asarray(m["val_loss"], float), np.inf)
@@ -407,23 +451,61 @@ class _Run:
             if math.isfinite(self.own["refine"]):
                 acc["refine"] += self.own["refine"] - values.min()
             self.own["refine"] = float(values.min())
-        acc["refine_s"] += seconds
+        counted = budget is None
+        acc["refine_s"] += STEP_TRAININGS if counted else seconds
         rate = {k: acc[k] / max(acc[k + "_s"], 1e-9) for k in ("refine", "explore")}
         total = rate["refine"] + rate["explore"]
         part = 0.5 if total <= 0 else min(0.8, max(0.2, rate["explore"] / total))
-        slot = seconds * part / (1.0 - part)
-        if budget is not None:
-            slot = min(slot, budget - (time.perf_counter() - began) - 1.5 * seconds)
+        if counted:
+            slot = float(max(1, round(STEP_TRAININGS * part / (1.0 - part))))
+        else:
+            slot = min(seconds * part / (1.0 - part),
+                       budget - (time.perf_counter() - began) - 1.5 * seconds)
         if slot > 0:
             t0 = time.perf_counter()
-            found = min(searcher.run(until=t0 + slot))
-            acc["explore_s"] += time.perf_counter() - t0
+            found = min(searcher.run(count=int(slot)) if counted else
+                        searcher.run(until=t0 + slot))
+            acc["explore_s"] += slot if counted else time.perf_counter() - t0
             if found < self.own["explore"]:
                 acc["explore"] += self.own["explore"] - found
                 self.own["explore"] = found
             for k in list(acc):
                 acc[k] *= _DECAY
         return state
+
+    def _late(self, i: int, meta_steps: int | None, budget: float | None,
+              began: float) -> bool:
+        """Whether the run is in its last part (:data:`LATE`) of its meta-steps or budget."""
+        if meta_steps is not None and i + 1 >= LATE * meta_steps:
+            return True
+        return budget is not None and time.perf_counter() - began >= LATE * budget
+
+    def exploit(self, state, i: int):
+        """Once, late in the run: where the search's best point is below every member's
+        best by more than the guard's tolerance, the member with the worst best goes on
+        from it, so the run's last meta-steps refine the best region it knows and its
+        final point is not left behind its best (a refinement that settled in a worse
+        basin without stopping would otherwise end there)."""
+        if self.memory.get("exploited") or not self.strategy.restart:
+            return state
+        host = population_lib.host(state)
+        searcher = self.plan.searcher
+        value = float(searcher.best()[1])
+        members = float(np.min(host.best_value))
+        margin = 0.0 if not math.isfinite(self.guard.tolerance) else self.guard.tolerance
+        if not value < members - margin * abs(members):
+            return state
+        phi = self._searched(host)
+        if phi is None:
+            return state
+        self.memory["exploited"] = True
+        j = int(np.argmax(np.where(host.retired == ACTIVE, host.best_value, -np.inf)))
+        who = "the run" if self.population is None else f"member {j}"
+        self.diagnosis.append(
+            f"meta-step {i}: stuck in a basin: the search's best point ({value:.6g}) is "
+            f"below the refinement's best ({members:.6g}); {who} refines it for the last "
+            f"meta-steps")
+        return population_lib.put(self._restart(host, j, phi), self.mesh)
 
     def _searched(self, host: TuneState) -> PyTree | None:
         """The search's best point, where it is below every member's best and no member
@@ -432,9 +514,10 @@ class _Run:
         if searcher is None:
             return None
         phi, value = searcher.best()
-        if not value < float(np.min(host.best_value)) or not value < self.restarted_at:
+        if not value < float(np.min(host.best_value)) or \
+                not value < self.memory["restarted_at"]:
             return None
-        self.restarted_at = value
+        self.memory["restarted_at"] = value
         return jax.tree.map(lambda a, b: np.asarray(a, np.asarray(b).dtype), phi,
                             _at(host.phi, 0))
 
@@ -445,7 +528,7 @@ class _Run:
         codes = set(retired[newly].tolist())
         if self.strategy.smooth and RETIRED_CHAOTIC in codes and self.sigma == 0:
             return True
-        return bool(self.strategy.restart and codes - {RETIRED_START})
+        return bool(self.strategy.restart and codes)
 
     def _cap(self, state) -> float | None:
         ref = np.asarray(population_lib.host(state.value_ref), float)
@@ -478,15 +561,17 @@ class _Run:
                 self.diagnosis.append(
                     f"meta-step {i}: {who} converged in a basin at {float(host.best_value[j]):.6g}"
                     f", worse than the best explored point ({explored.best_val_loss:.6g})")
-            if not self.strategy.restart or code == RETIRED_START:
+            if not self.strategy.restart:
                 self.diagnosis.append(f"meta-step {i}: {who} stopped: "
                                       f"{self.guard.retirement(code)}")
                 continue
             searched = self._searched(host)
             if searched is not None:
-                phi, where = searched, f"the search's best point ({self.restarted_at:.6g})"
+                phi = searched
+                where = f"the search's best point ({self.memory['restarted_at']:.6g})"
             elif self.queue:
                 phi, where = self.queue.pop(0), "the next best explored start"
+                self.memory["queue_used"] += 1
             else:
                 b = int(np.argmin(host.best_value))
                 k = jax.random.fold_in(self.key, 1_000_003 + i * self.size + j)
@@ -497,7 +582,8 @@ class _Run:
                     x + _RESTART_SPREAD * np.asarray(jax.random.normal(kk, x.shape, x.dtype))
                     for kk, x in zip(ks, leaves, strict=True)])
                 where = "a perturbation of the best point so far"
-            why = {RETIRED_CONVERGED: "converged", RETIRED_STALLED: "stalled",
+            why = {RETIRED_START: "started at a point that is not finite or diverges",
+                   RETIRED_CONVERGED: "converged", RETIRED_STALLED: "stalled",
                    RETIRED_CHAOTIC: "found the objective chaotic"}.get(code, "was retired")
             self.diagnosis.append(f"meta-step {i}: {who} {why}; restarted from {where}")
             host = self._restart(host, j, phi)

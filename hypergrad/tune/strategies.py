@@ -15,8 +15,11 @@ new object, not a branch in the loop.
 - :class:`ExploreRefine` (the default): a black-box search of the box first (15% of
   the budget), then hypergradient refinement from the given start (and the best
   explored starts, for a population) while the search goes on between meta-steps, each
-  side getting time by its recent progress; restarts from the search's best point when
-  a member settles, smoothing where the objective is chaotic. A stochastic task (a train
+  side getting time by its recent progress (in seconds with a budget, in trainings
+  without one, so a run of ``meta_steps`` is the same on every machine); restarts from
+  the search's best point when a member settles, and once in the last quarter of the
+  run where the search's best is below every member's best (the refinement is stuck in
+  a worse basin); smoothing where the objective is chaotic. A stochastic task (a train
   loss that takes a ``key``) has its best candidates re-scored on fresh keys.
 
 Chosen by ``scripts/bench_hpo.py`` (docs/guide.md, "Hypergradients against black-box search"):
@@ -62,6 +65,10 @@ class Plan(NamedTuple):
       searcher: the black-box search that explored, to go on between meta-steps (the
         loop shares the time between it and the refinement by their recent gains), or
         ``None``.
+      memory: what the loop has done with the plan so far (starts taken from the queue,
+        the time shared, the diagnosis), a JSON-ready dict the loop updates in place;
+        with the search's size, :meth:`snapshot` saves it in a checkpoint and
+        :meth:`ExploreRefine.resume` rebuilds the plan from it.
     """
 
     phis: PyTree
@@ -70,6 +77,14 @@ class Plan(NamedTuple):
     queue: list[PyTree]
     start: float | None
     searcher: Any = None
+    memory: dict[str, Any] | None = None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The plan's state for a checkpoint (``None`` without a search): the loop's
+        memory and the number of configurations the search has scored."""
+        if self.searcher is None or self.memory is None:
+            return None
+        return dict(self.memory, evaluations=len(self.searcher.losses))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +133,9 @@ class ExploreRefine:
         run never starts worse than it.
       members: starts refined at once, as one vmapped population (1: one at a time).
       smooth: answer chaos at the step's scale by smoothing (see the module docstring).
-      restart: replace a member that stops by the next start.
+      restart: replace a member that stops by the next start, and late in the run move
+        the worst member to the search's best point where that is better than every
+        member's best (``_Run.exploit`` in :mod:`hypergrad.tune.loop`).
       keys: keys each configuration is scored on, and the meta-step's hypergradient
         averaged over (1: the run's key; a stochastic task is searched on that one draw
         of its noise, cheaply, and its best candidates are then re-scored on fresh keys,
@@ -150,6 +167,24 @@ class ExploreRefine:
                 (self.explore_default, math.inf)
         else:
             count, until = int(self.explore), math.inf
+        return self._plan(task, key, phi, began, keys, count, until)
+
+    def resume(self, task: Task, key: jax.Array, phi: PyTree, memory: dict[str, Any], *,
+               began: float, keys: int) -> Plan:
+        """The plan of a run continued from a checkpoint: the exploration and the search
+        between meta-steps scored again, as many configurations as ``memory`` (a
+        :meth:`Plan.snapshot`) says they had scored, so the search and its queue are as
+        they were (the search is deterministic given its key and the number of draws);
+        the loop's memory restored."""
+        explored, total = int(memory["explored"]), int(memory["evaluations"])
+        plan = self._plan(task, key, phi, began, keys, explored - 1, math.inf)
+        plan.searcher.run(count=total - explored)
+        assert plan.memory is not None
+        plan.memory.update(memory)
+        return plan
+
+    def _plan(self, task: Task, key: jax.Array, phi: PyTree, began: float, keys: int,
+              count: int | None, until: float) -> Plan:
         low, high = search.box(task.space, self.bounds, jnp.result_type(
             *jax.tree.leaves(phi)))
         searcher = Searcher(task, key, keys, low, high, began)
@@ -175,7 +210,8 @@ class ExploreRefine:
             lambda a, b: jnp.asarray(a, jnp.result_type(b)), p, phi)
         stacked_starts = jax.tree.map(lambda *a: jnp.stack(a), *[like(p) for p in chosen])
         return Plan(stacked_starts, None if size == 1 else size, explored,
-                    [like(p) for p in queue], float(loss[0]), searcher)
+                    [like(p) for p in queue], float(loss[0]), searcher,
+                    {"explored": len(loss)})
 
 
 class Searcher:
@@ -255,7 +291,9 @@ class Searcher:
 
     def run(self, *, count: int | None = None, until: float = math.inf) -> list[float]:
         """Score ``count`` draws, or draws until the clock reads ``until`` (at least one
-        when ``count`` is None); their losses."""
+        when ``count`` is None); their losses. The draws depend on the key and on the
+        losses scored so far, not on the clock: two searches that scored the same number
+        of configurations are in the same state."""
         out: list[float] = []
         while True:
             if count is not None and len(out) >= count:
@@ -346,3 +384,28 @@ DEFAULT = ExploreRefine()
 
 #: Strategies by the name a config gives (``--set strategy=NAME``).
 BY_NAME = {"explore-refine": DEFAULT, "local": Local()}
+
+
+def chosen(strategy: Any = None, *, local: bool = False, population: int | None = None,
+           spread: float = 0.5, explore: int = 0, online: bool = False) -> Any:
+    """The strategy a run asks for: the one rule of :func:`hypergrad.tune.tune` and
+    ``hypergrad run`` (``--set strategy=default``).
+
+    ``strategy`` is an object, or a name of :data:`BY_NAME`, taken as given. ``None``
+    (the default) is :data:`DEFAULT`, except where the run sets one of :class:`Local`'s
+    own options: a ``population`` around the start, an ``explore`` phase that picks the
+    start, ``online`` tuning (one training run), or ``local`` (``hg.tune`` given an
+    estimator or a hyper-update, or a state to continue: a run as before the default
+    strategy existed); then ``Local(population, spread, explore)``.
+    """
+    if strategy is None:
+        if local or population is not None or explore or online:
+            return Local(population=population, spread=spread, explore=explore)
+        return DEFAULT
+    if isinstance(strategy, str):
+        try:
+            return BY_NAME[strategy]
+        except KeyError:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of "
+                             f"{', '.join(BY_NAME)}") from None
+    return strategy
