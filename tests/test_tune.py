@@ -170,6 +170,11 @@ def test_history_saves_loads_and_plots(tmp_path):
     np.testing.assert_allclose(loaded.hparams["learning_rate"][history.accepted],
                                history.hparams["learning_rate"][history.accepted], rtol=1e-12)
     np.testing.assert_array_equal(loaded.seconds, history.seconds)
+    # Equality is what save writes (the generated one raised on NumPy arrays).
+    assert loaded == history and not loaded != history
+    shorter = hg.tune(task, hg.estimators.reverse(), optax.sgd(50.0), clip=0.0,
+                      meta_steps=2, key=jax.random.key(0))
+    assert shorter != history and history != "a history"
     figures = history.plot()
     assert len(figures) == 2
     paths = history.plot(tmp_path)

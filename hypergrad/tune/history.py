@@ -101,6 +101,18 @@ class History:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when what :meth:`save` writes is equal (so a History equals the one
+        :meth:`load` reads back; ``state``, ``explored`` and the per-step hypergradients,
+        which it does not write, are not compared). The generated comparison would test
+        NumPy arrays for truth and raise."""
+        if not isinstance(other, History):
+            return NotImplemented
+        canonical = lambda h: json.dumps(h.to_json(), sort_keys=True)  # noqa: E731
+        return canonical(self) == canonical(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the generated one
+
     def trace(self) -> Any:
         """Every point the run evaluated, in order, as a
         :class:`hypergrad.search.SearchResult` (``method="hypergrad"``): the exploration
