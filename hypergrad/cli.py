@@ -214,6 +214,11 @@ def _check(args) -> int:
     jax.config.update("jax_enable_x64", True)  # finite differences need float64
     from hypergrad.run import check
 
+    for given in args.sets:
+        key, _, value = given.partition("=")
+        if key.strip() == "dtype" and value.strip() != "float64":
+            raise ConfigError(f"hypergrad check runs in float64 (central differences need "
+                              f"it), so --set {given.strip()} would be ignored; drop it")
     experiment, config = _resolve(args.experiment, [*args.sets, "dtype=float64"])
     records = check(experiment, config, directions=args.directions)
     width = max(len(r["name"]) for r in records)

@@ -27,3 +27,14 @@ def test_augment_bad_values_are_config_errors(tmp_path, capsys):
     assert main(["run", "augment", "--set", "dropout=1.5",
                  "--workdir", str(tmp_path / "y")]) == 2
     assert "dropout" in capsys.readouterr().err
+    # The extremes (issue 34): a rate of 1 or 0 or below, a negative strength.
+    for value, message in [("dropout=1.0", "dropout must be strictly between 0 and 1, got 1"),
+                           ("dropout=0", "dropout must be strictly between 0 and 1, got 0"),
+                           ("dropout=-0.1", "dropout must be strictly between 0 and 1"),
+                           ("augment_noise=-1", "augment_noise must be > 0, got -1"),
+                           ("augment_shift=0", "augment_shift must be > 0, got 0")]:
+        assert main(["run", "augment", "--set", value, "--workdir",
+                     str(tmp_path / "z")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, value
+    assert not (tmp_path / "z").exists()

@@ -357,6 +357,9 @@ def test_cut_values_say_how_long_they_were():
     (["--tol", "nan"], "argument --tol: must be a positive finite number, got nan"),
     (["--tol", "-1"], "argument --tol: must be a positive finite number, got -1"),
     (["--tol", "inf"], "argument --tol: must be a positive finite number, got inf"),
+    # It used to run in float64 anyway, silently.
+    (["--set", "dtype=float32"], "hypergrad check runs in float64 (central differences "
+                                 "need it), so --set dtype=float32 would be ignored; drop it"),
 ])
 def test_check_refuses_bad_options_before_any_work(option, message, capsys, monkeypatch):
     import hypergrad.run

@@ -176,6 +176,13 @@ def test_batchnorm_statistics_evolve_and_reach_the_validation_loss():
         task.validation_loss(aux["params"], hp)
 
 
+def test_batchnorm_with_batches_of_one_example_stays_finite():
+    # Issue 34: each statistic is still a mean over the image's positions.
+    task = batchnorm_task().replace(batch_size=1)
+    value, grad, _ = hg.estimators.reverse()(task, task.space.init(), KEY)
+    assert np.isfinite(value) and all(np.isfinite(g) for g in jax.tree.leaves(grad))
+
+
 def test_batchnorm_hypergradient_against_central_differences():
     # nnx.BatchNorm updates its statistics under stop_gradient; with it this check
     # failed (leaky_slope: 1.7e-2 relative error). hg.models.BatchNorm keeps the path.
