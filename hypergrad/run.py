@@ -109,6 +109,14 @@ def _scorer(problem: Problem, estimator: Any, online: bool, mesh, size: int):
     return population_lib.vmapped(with_key(weights if online else trained), mesh, size)
 
 
+def _remember(meta: dict[str, Any], plan: Any) -> None:
+    """Keep the strategy's plan in the checkpoint's ``meta`` (:meth:`Plan.snapshot`: the
+    search's size and the loop's memory), where it has one, for an exact ``--resume``."""
+    snapshot = None if plan is None else plan.snapshot()
+    if snapshot is not None:
+        meta["strategy"] = snapshot
+
+
 def _rows(metrics: dict[str, np.ndarray], size: int) -> list[dict[str, float]]:
     return [{k: float(v[m]) for k, v in metrics.items()} for m in range(size)]
 
@@ -226,8 +234,7 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             meta["explored"] = {"evaluations": len(explored.val_loss),
                                 "best_val_loss": explored.best_val_loss,
                                 "seconds": float(explored.seconds[-1])}
-        if plan is not None and plan.snapshot() is not None:
-            meta["strategy"] = plan.snapshot()
+        _remember(meta, plan)
         log.start()
         files.save_checkpoint(ckpt, population_lib.host(state), meta)
         if population is None:
@@ -237,8 +244,7 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     def save(state, meta_step):
         meta["meta_step"] = meta_step
         meta["elapsed"] = elapsed_before + time.perf_counter() - began
-        if plan is not None and plan.snapshot() is not None:
-            meta["strategy"] = plan.snapshot()
+        _remember(meta, plan)
         host_state = population_lib.host(state)
         if population is None:
             files.save_hparams(workdir, task.space, population_lib.member(host_state.phi, 0),

@@ -488,13 +488,13 @@ class _Run:
         basin without stopping would otherwise end there)."""
         if self.memory.get("exploited") or not self.strategy.restart:
             return state
-        host = population_lib.host(state)
-        searcher = self.plan.searcher
-        value = float(searcher.best()[1])
-        members = float(np.min(host.best_value))
+        value = float(self.plan.searcher.best()[1])
+        # The members' bests alone decide; the whole state comes to the host only to move.
+        members = float(np.min(population_lib.host(state.best_value)))
         margin = 0.0 if not math.isfinite(self.guard.tolerance) else self.guard.tolerance
         if not value < members - margin * abs(members):
             return state
+        host = population_lib.host(state)
         phi = self._searched(host)
         if phi is None:
             return state
