@@ -1,5 +1,7 @@
 """hypergrad: gradient-based hyperparameter optimization in JAX."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from hypergrad import (
     data,
     estimators,
@@ -27,6 +29,11 @@ from hypergrad.tune import (
     TuneWarning,
     tune,
 )
+
+try:
+    __version__ = version("hypergrad")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "unknown"
 
 __all__ = [
     "Constraint",

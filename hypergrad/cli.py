@@ -67,6 +67,9 @@ def _path(what: str):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hypergrad", description="Gradient-based hyperparameter optimization.")
+    from hypergrad import __version__
+
+    p.add_argument("--version", action="version", version=f"hypergrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(cmd):

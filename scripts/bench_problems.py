@@ -42,7 +42,7 @@ def _sizes(quick: bool, data: str | None) -> dict[str, Any]:
 
 
 def _seed_cnn(quick: bool, data: str | None, options=()) -> Problem:
-    from experiments.seed_cnn import SeedCnnConfig, build
+    from hypergrad_experiments.seed_cnn import SeedCnnConfig, build
 
     tiny: dict[str, Any] = dict(steps=10, channels="4,4,4") if quick else {}
     return build(SeedCnnConfig(hparam_options=tuple(options), **tiny, **_sizes(quick, data)))
@@ -60,7 +60,7 @@ def problem_b(quick: bool, data: str | None = None) -> Problem:
 
 
 def problem_c(quick: bool, data: str | None = None) -> Problem:
-    from experiments.grazzi_hierarchy import GrazziConfig, build
+    from hypergrad_experiments.grazzi_hierarchy import GrazziConfig, build
 
     assert data is None, "problem c runs on the embedded digits only"
     return build(GrazziConfig(steps=100 if quick else 1000, dtype="float32"))
@@ -189,7 +189,7 @@ CLEANING_SIZES = (1000, 300)
 
 
 def problem_h(quick: bool, data: str | None = None) -> Problem:
-    from experiments.hyper_cleaning import CleaningConfig, build
+    from hypergrad_experiments.hyper_cleaning import CleaningConfig, build
 
     assert data is None, "problem h runs on the embedded digits only"
     train, val = CLEANING_SIZES

@@ -1,6 +1,6 @@
 """The slice of the ``chaos`` experiment alone: the validation loss along the log learning
 rate where reverse hypergradients explode, and what reverse, truncated, ES and PES
-hypergradients say along it (the logic lives in ``experiments/chaos.py``).
+hypergradients say along it (the logic lives in ``hypergrad_experiments/chaos.py``).
 
 Run:  python scripts/chaos_slice.py [--set points=25 --set num_pairs=16 ...] [--out DIR]
 
@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     experiment = get_experiment("chaos")
     config = override(experiment.config, args.set).validate()
-    from experiments import chaos
+    from hypergrad_experiments import chaos
 
     sliced = chaos.slice_(config, chaos.build(config))
     columns = ("val_loss", "reverse", "truncated", "es", "es_stderr", "pes", "pes_stderr")

@@ -1,4 +1,4 @@
-"""Dataset distillation (experiments/distill.py) on tiny digit problems."""
+"""Dataset distillation (hypergrad_experiments/distill.py) on tiny digit problems."""
 
 import io
 import json
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import hypergrad as hg
-from experiments import distill
+from hypergrad_experiments import distill
 from hypergrad.config import ConfigError, override
 from hypergrad.run import run
 

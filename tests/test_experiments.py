@@ -77,7 +77,7 @@ def test_hoag_hypergradient_matches_central_differences():
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from experiments import hoag
+    from hypergrad_experiments import hoag
 
     config = hoag.HoagConfig(data_train_size=200, data_val_size=100).validate()
     task = hoag.build(config).task
@@ -128,7 +128,7 @@ def test_baydin_hd_beta_zero_is_the_plain_optimizer():
     import numpy as np
     import optax
 
-    from experiments import baydin_hd
+    from hypergrad_experiments import baydin_hd
 
     config = baydin_hd.BaydinConfig(steps=20, eval_every=5, data_train_size=200,
                                      dtype="float64").validate()
@@ -152,7 +152,7 @@ def test_baydin_hd_beta_zero_is_the_plain_optimizer():
 def test_iterations_to_marks_divergence_and_misses_as_not_reached():
     import numpy as np
 
-    from experiments.baydin_hd import iterations_to
+    from hypergrad_experiments.baydin_hd import iterations_to
 
     losses = np.array([[2.0, 0.9, 0.4], [2.0, np.nan, 0.1], [2.0, 1.5, 1.2]])
     assert iterations_to(losses, 0.5, 10) == [20, 20, None]
@@ -190,7 +190,7 @@ def test_seed_recurrence_stops_before_a_bad_slope_reaches_the_run():
     import jax
 
     import hypergrad as hg
-    from experiments import seed_recurrence as sr
+    from hypergrad_experiments import seed_recurrence as sr
 
     tiny = dict(steps=3, meta_steps=4, batch_size=20, channels="4,4,4", data_train_size=200,
                 data_val_size=100, dtype="float64")
@@ -233,7 +233,7 @@ def test_maclaurin_schedules_reversible_matches_reverse():
     import jax
     import numpy as np
 
-    from experiments import maclaurin_schedules as ms
+    from hypergrad_experiments import maclaurin_schedules as ms
     from hypergrad.experiment import estimator_for
 
     config = ms.MaclaurinConfig(steps=10, batch_size=50, data_train_size=200,
@@ -285,7 +285,7 @@ def test_hyper_cleaning_tiny(tmp_path, capsys):
 def test_hyper_cleaning_corruption_and_f1():
     import numpy as np
 
-    from experiments.hyper_cleaning import corrupt_labels, f1_corrupted
+    from hypergrad_experiments.hyper_cleaning import corrupt_labels, f1_corrupted
 
     y = np.arange(200) % 10
     noisy, corrupted = corrupt_labels(y, 0.5, 10, seed=3)
@@ -312,7 +312,7 @@ def test_seed_cnn_scores_the_test_split_in_the_validation_chunks():
     import jax
     import numpy as np
 
-    from experiments import seed_cnn
+    from hypergrad_experiments import seed_cnn
 
     config = seed_cnn.SeedCnnConfig(steps=3, data_train_size=100, data_val_size=30,
                                     data_test_size=53, channels="2,2,2",

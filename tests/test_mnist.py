@@ -58,7 +58,7 @@ def test_seed_mnist_rejects_an_unknown_hyper_update(tmp_path, capsys):
 
 
 def test_maclaurin_compare_reversible_beside_checkpointed_reverse():
-    from experiments import maclaurin_schedules as ms
+    from hypergrad_experiments import maclaurin_schedules as ms
 
     config = ms.MaclaurinConfig(steps=30, batch_size=50, data_train_size=200,
                                 data_val_size=100, dtype="float64", estimator="reversible",
@@ -81,7 +81,7 @@ def test_maclaurin_compare_reversible_beside_checkpointed_reverse():
 
 
 def test_maclaurin_compare_names_a_bad_policy():
-    from experiments import maclaurin_schedules as ms
+    from hypergrad_experiments import maclaurin_schedules as ms
 
     with pytest.raises(ConfigError, match="compare"):
         ms.MaclaurinConfig(compare="none,sometimes").validate()
