@@ -29,6 +29,7 @@ from hypergrad.tune import (
     TuneWarning,
     tune,
 )
+from hypergrad.unroll import Fit, fit, score
 
 try:
     __version__ = version("hypergrad")
@@ -39,6 +40,7 @@ __all__ = [
     "Constraint",
     "Experiment",
     "ExploreRefine",
+    "Fit",
     "Guard",
     "History",
     "Local",
@@ -55,6 +57,7 @@ __all__ = [
     "data",
     "directional_errors",
     "estimators",
+    "fit",
     "hparams",
     "implicit",
     "inner",
@@ -63,6 +66,7 @@ __all__ = [
     "outer",
     "positive",
     "real",
+    "score",
     "search",
     "tune",
     "unit",

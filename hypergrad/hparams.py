@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad.messages import show
+from hypergrad.validation import keywords
 
 Array = jax.Array
 PyTree = Any
@@ -209,6 +210,7 @@ def _show(value: Any) -> str:
     return f"an array with entries in [{v.min():g}, {v.max():g}]"
 
 
+@keywords
 def positive(value: Any, *, per: Any = None, schedule: Any = None) -> Constraint:
     """A positive hyperparameter, optimized as ``phi = log(value)``.
 
@@ -219,12 +221,14 @@ def positive(value: Any, *, per: Any = None, schedule: Any = None) -> Constraint
     return c.with_options(per, schedule)
 
 
+@keywords
 def unit(value: Any, *, per: Any = None, schedule: Any = None) -> Constraint:
     """A hyperparameter in (0, 1), optimized as ``phi = logit(value)``."""
     c = Constraint(value, "unit", jax.nn.sigmoid, jax.scipy.special.logit, 0.0, 1.0)
     return c.with_options(per, schedule)
 
 
+@keywords
 def bounded(value: Any, low: float, high: float, *, per: Any = None,
             schedule: Any = None) -> Constraint:
     """A hyperparameter in (low, high), optimized as a scaled logit."""
@@ -247,6 +251,7 @@ def bounded(value: Any, low: float, high: float, *, per: Any = None,
     return c.with_options(per, schedule)
 
 
+@keywords
 def real(value: Any, *, per: Any = None, schedule: Any = None) -> Constraint:
     """An unconstrained hyperparameter: ``phi = value``."""
     c = Constraint(value, "real", lambda phi: phi, lambda v: v, -np.inf, np.inf)
@@ -371,14 +376,18 @@ class HyperSpace:
     def init(self, dtype: Any = None) -> dict[str, PyTree]:
         """The initial values in unconstrained coordinates ``phi``.
 
+        On a resolved space (``task.space``) each granular or scheduled hyperparameter
+        comes laid out over the weights and the steps, as the estimators take it. On a
+        space not yet resolved (no weights, no horizon) it comes as declared: the value
+        given to the constraint, which ``task.space.init()`` lays out.
+
         Args:
           dtype: a floating dtype; defaults to JAX's default float (float64 under x64).
         """
         dtype = dtype or jnp.result_type(float)
         out = {}
         for n, c in self.constraints.items():
-            self._layout(n)
-            value = _initial(n, c) if c.granular else c.value
+            value = _initial(n, c) if c.layout is not None else c.value
             out[n] = jax.tree.map(lambda v, c=c: c.to_phi(jnp.asarray(v, dtype=dtype)), value)
         return out
 
@@ -558,7 +567,11 @@ def _layout(name: str, c: Constraint, target: PyTree, steps: int) -> Layout:
 
 
 def _initial(name: str, c: Constraint) -> PyTree:
-    """The initial value laid out: ``[slots,] (groups,)`` or a tree of leaf shapes."""
+    """The initial value laid out: ``[slots,] (groups,)`` or a tree of leaf shapes.
+
+    With a ``per_step`` or ``windows`` schedule, a value whose first axis has one entry
+    per step (per window) gives each step (window) its own start, spread over the rest
+    of the layout; any other value is the start of every step."""
     layout = c.layout
     assert layout is not None
     lead: tuple[int, ...] = () if layout.slots is None else (layout.slots,)
@@ -566,22 +579,43 @@ def _initial(name: str, c: Constraint) -> PyTree:
     if c.schedule is not None and c.schedule.kind in ("linear", "exponential"):
         end = c.value if c.schedule.end is None else c.schedule.end
         ends = (c.value, end)
+    value = np.asarray(c.value, np.float64)
+    stepped = c.schedule is not None and c.schedule.kind in ("per_step", "windows")
+    per_slot = stepped and value.ndim >= 1 and value.shape[0] == layout.slots
+    if stepped and c.per is None and value.ndim >= 1 and value.shape[0] not in (
+            layout.slots, 1):  # a vector copied to every step is given as (1, n)
+        raise ValueError(_misfit(name, c, value.shape, lead + value.shape))
 
     def fill(shape):
         try:
             if ends is not None:
                 return np.stack([np.broadcast_to(np.asarray(v, np.float64), shape)
                                  for v in ends])
-            return np.broadcast_to(np.asarray(c.value, np.float64), lead + shape).copy()
+            if per_slot:  # (slots,) or (slots, *shape): each slot spread over `shape`
+                v = value.reshape(value.shape + (1,) * (len(shape) + 1 - value.ndim))
+                return np.broadcast_to(v, lead + shape).copy()
+            return np.broadcast_to(value, lead + shape).copy()
         except ValueError:
-            raise ValueError(f"the initial value of {name} (shape {np.shape(c.value)}) does "
-                             f"not fit its layout (shape {lead + shape})") from None
+            raise ValueError(_misfit(name, c, value.shape, lead + shape)) from None
 
     if layout.groups is not None:
         return fill((len(layout.groups),))
     if c.per is not None:  # per parameter
         return jax.tree.unflatten(layout.treedef, [fill(s) for s in layout.shapes])
-    return fill(np.shape(c.value))
+    return fill(value.shape[1:] if stepped and value.ndim >= 1 else value.shape)
+
+
+def _misfit(name: str, c: Constraint, shape: tuple[int, ...], laid: tuple[int, ...]) -> str:
+    """Why an initial value of ``shape`` does not fit the layout ``laid``, and the fix."""
+    message = f"the initial value of {name} (shape {shape}) does not fit its layout " \
+              f"(shape {laid})"
+    s, layout = c.schedule, c.layout
+    if s is not None and s.kind in ("per_step", "windows") and layout is not None and shape:
+        what = "step" if s.kind == "per_step" else f"window of {s.every} steps"
+        message += (f"; a {s.kind} schedule over {layout.steps} steps takes one value, "
+                    f"{layout.slots} values (one per {what}), or an array of shape "
+                    f"({layout.slots}, ...) or (1, ...) for a vector hyperparameter")
+    return message
 
 
 def _at(c: Constraint, value: PyTree, t: Array) -> PyTree:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad import validation
+from hypergrad.validation import keywords
 
 PyTree = Any
 
@@ -83,6 +84,7 @@ def per_leaf(value: Any, params: PyTree) -> PyTree:
     return jax.tree.map(lambda _: value, params)
 
 
+@keywords
 def sgd(
     learning_rate: float | None = None, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> InnerOptimizer:
@@ -135,6 +137,7 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
+@keywords
 def adam(
     learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.999,
     eps: float = 1e-8, weight_decay: float = 0.0,
@@ -252,6 +255,7 @@ def _scalar(value: Any, name: str, owner: str) -> Any:
     return value
 
 
+@keywords
 def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
     """Any optax optimizer as a differentiable inner optimizer.
 

@@ -20,6 +20,7 @@ import numpy as np
 from hypergrad.hparams import HyperSpace
 from hypergrad.inner import InnerOptimizer, batch_mean, step_loss, takes_key
 from hypergrad.messages import show
+from hypergrad.validation import keywords
 
 PyTree = Any
 
@@ -171,6 +172,9 @@ class Task:
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+Task.__init__ = keywords(Task.__init__, "Task")  # type: ignore[method-assign]
 
 
 class UndeclaredHyperparameter(KeyError):

@@ -7,7 +7,8 @@ push tangents through it (forward), or run it to convergence (implicit).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -310,3 +311,65 @@ def check_window(window: Any) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive integer, got {window!r}")
     return window
+
+
+class Fit(NamedTuple):
+    """One training run with given hyperparameters (:func:`fit`).
+
+    Attributes:
+      params: the trained weights.
+      model_state: the trained model state (BatchNorm statistics), ``None`` without one.
+      hparams: the hyperparameters in natural units (scheduled ones over every step).
+      val_loss: the validation loss of the trained weights, as the tuner scored it.
+      train_losses: each inner step's batch loss.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    hparams: dict[str, PyTree]
+    val_loss: jax.Array
+    train_losses: jax.Array
+
+
+_objective = jax.jit(objective)
+
+
+def fit(task: Task, point: Any, key: jax.Array) -> Fit:
+    """Train ``task`` with the hyperparameters of ``point`` and keep the weights.
+
+    ``point`` is a tuning result's :class:`hypergrad.Point` (``history.best``,
+    ``history.final``) or a ``phi`` (unconstrained coordinates, as
+    ``task.space.init()``). The run is :func:`objective`'s, the one a hypergradient
+    differentiates: with the key the point was tuned with (``hg.tune``'s ``key`` for one
+    member of a deterministic task) it gives the weights behind the point's validation
+    loss exactly; :func:`score` then scores them on any data.
+    """
+    phi = getattr(point, "phi", point)
+    value, aux = _objective(task, phi, key)
+    return Fit(aux["params"], aux.get("model_state"), task.space.constrain(phi), value,
+               aux["train_losses"])
+
+
+def score(task: Task, trained: Fit | PyTree, data: PyTree, *,
+          metric: Callable[..., jax.Array] | None = None,
+          batch_size: int | None = None) -> jax.Array:
+    """``metric`` (default ``task.val_loss``) of trained weights, averaged over ``data``.
+
+    Args:
+      task: the task the weights were trained on (its space reads the hyperparameters
+        at the last inner step, as the validation loss does).
+      trained: a :class:`Fit`, or the weights alone (scored with the space's starting
+        hyperparameters, for a task without model state).
+      data: a pytree of arrays sharing a leading example axis (a test set).
+      metric: ``metric(params, hparams, batch) -> scalar``, a mean over the batch's
+        examples (an accuracy, a loss); with model state also ``state=``.
+      batch_size: score in chunks of this many examples (default the task's
+        ``val_batch_size``).
+    """
+    if isinstance(trained, Fit):
+        params, state, hparams = trained.params, trained.model_state, trained.hparams
+    else:
+        params, state, hparams = trained, None, task.space.constrain(task.space.init())
+    scored = task.replace(val_data=data, val_loss=metric or task.val_loss,
+                          val_batch_size=batch_size or task.val_batch_size)
+    return scored.validation_loss(params, hparams, state)

@@ -10,14 +10,21 @@ library (the inner optimizers and the config import it).
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hypergrad.messages import show
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MAX_INT = 2**31 - 1
 """The largest count (meta-steps, members, a guard's counters, any integer config key
@@ -137,3 +144,53 @@ def start(name: str, value: Any, low: float, high: float, max_phi: float) -> Non
     outside = v[~((v >= low) & (v <= high))]
     if outside.size:
         raise beyond(name, f"{outside[0]:g}", low, high, max_phi, entry=v.size > 1)
+
+
+SYNONYMS = {
+    "rng": "key", "rng_key": "key", "prng_key": "key", "random_key": "key", "seed": "key",
+    "num_steps": "meta_steps", "n_steps": "meta_steps", "iterations": "meta_steps",
+    "n_trials": "meta_steps", "num_iterations": "meta_steps", "epochs": "meta_steps",
+    "time_budget": "budget", "timeout": "budget", "max_time": "budget", "seconds": "budget",
+    "hyper_optimizer": "outer", "meta_optimizer": "outer", "outer_optimizer": "outer",
+    "hypergradient": "estimator", "method": "estimator",
+    "init": "phi", "hparams": "phi", "start": "phi",
+    "inner_steps": "steps", "horizon": "steps", "T": "steps",
+    "model": "params", "weights": "params", "loss": "train_loss", "hyperspace": "space",
+    "lr": "learning_rate", "step_size": "learning_rate", "per_layer": "per", "granularity": "per",
+}
+"""Names other libraries (optax, jaxopt, Optuna, learned_optimization) use for an
+argument that one of ours takes under another name."""
+
+
+def keywords(fn: Callable[P, R], name: str | None = None) -> Callable[P, R]:
+    """``fn``, answering an unknown keyword argument with the name it most likely meant.
+
+    Python's own ``TypeError`` (``got an unexpected keyword argument 'rng'``) names only
+    the mistake; this one names the argument to use: a known synonym from another
+    library (``rng`` -> ``key``), else the closest spelling, else every accepted name.
+    """
+    parameters = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return fn
+    accepted = [n for n, p in parameters.items() if n != "self"
+                and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    shown = name or fn.__name__
+
+    @functools.wraps(fn)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        for given in kwargs:
+            if given not in parameters:
+                raise TypeError(unexpected(shown, given, accepted))
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def unexpected(function: str, given: str, accepted: list[str]) -> str:
+    """The line for a keyword argument ``given`` that ``function`` does not take."""
+    guess = SYNONYMS.get(given)
+    if guess not in accepted:
+        close = difflib.get_close_matches(given, accepted, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    hint = f"did you mean {guess}=?" if guess else f"it takes {', '.join(accepted)}"
+    return f"{function}() got an unexpected keyword argument {given!r}; {hint}"

@@ -16,7 +16,7 @@ from hypergrad import population as pop
 from hypergrad.config import override
 from hypergrad.experiment import build, estimator_for, get_experiment, outer_for
 from hypergrad.run import run
-from tests.test_run import QUAD, QuadConfig
+from tests.problems import QUAD, QuadConfig
 
 TINY = ["steps=4", "batch_size=20", "channels=4,4,4", "dtype=float64", "outer=adam"]
 P = 4

@@ -5,7 +5,7 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators import Estimator
-from tests.test_reverse import logreg_task
+from tests.problems import logreg_task
 
 
 def test_random_directions_pass_for_the_exact_estimator():

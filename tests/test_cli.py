@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hypergrad.cli import main
+from tests.problems import assert_one_line_error
 
 TINY = ["--set", "steps=4", "--set", "meta_steps=2", "--set", "batch_size=20",
         "--set", "channels=4,4,4"]
@@ -183,18 +184,6 @@ def test_bad_config_is_one_line_and_status_2(sets, message, capsys, tmp_path):
     argv = ["run", *[a for kv in sets for a in ("--set", kv)], "--workdir", str(tmp_path / "w")]
     assert_one_line_error(argv, message, capsys)
     assert not (tmp_path / "w").exists()  # nothing is written before the config is valid
-
-
-def assert_one_line_error(argv, message, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        status = e.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert message in err
-    assert err.count("\n") == 1 and err.startswith("hypergrad: error:")
-    return err
 
 
 @pytest.fixture(scope="module")

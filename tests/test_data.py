@@ -11,7 +11,7 @@ import pytest
 import hypergrad as hg
 from hypergrad.cli import main
 from hypergrad.config import ConfigError, from_dict, override
-from tests.test_cli import assert_one_line_error
+from tests.problems import assert_one_line_error
 
 
 def test_digits_split_is_deterministic_and_disjoint():

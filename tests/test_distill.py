@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import hypergrad as hg
-from hypergrad_experiments import distill
 from hypergrad.config import ConfigError, override
 from hypergrad.run import run
+from hypergrad_experiments import distill
 
 TINY = ["steps=5", "meta_steps=8", "draws=2", "grid_points=3", "hidden=8",
         "data.train_size=200", "data.val_size=100", "outer_lr=0.05"]

@@ -9,60 +9,17 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators.es import NOISE_STREAM
-from tests.test_reverse import logreg_task
-
-ETA, STEPS, OMEGA = 0.2, 12, 3.0
-C = np.array([0.3, -0.2])  # the validation loss's centre
-XBAR = np.array([0.5, 1.0])  # the training data's mean
-CLIFF = 0.5
-
-
-def shift_task(kind="cos", steps=STEPS):
-    """Gradient descent on ``0.5 |w - s - x|^2`` (mean over the data) from ``w = 0``.
-
-    The trained weights are linear in the tuned shift ``s`` held at step t, ``s_t``:
-    ``w_T = sum_t eta (1 - eta)^(T-1-t) (s_t + xbar)``. The validation loss is
-    ``sum_j -cos(omega (w_j - c_j))`` (``kind="cos"``), ``0.5 |w - c|^2``
-    (``kind="quadratic"``) or ``w_0 - c_0``, NaN from ``CLIFF`` on (``kind="cliff"``).
-    """
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((16, 2))
-    x = x - x.mean(0) + XBAR
-
-    def train(w, hparams, batch):
-        return 0.5 * jnp.mean(jnp.sum(((w - hparams["shift"])[None] - batch) ** 2, axis=-1))
-
-    def val(w, hparams, batch):
-        if kind == "cos":
-            return jnp.mean(jnp.sum(-jnp.cos(OMEGA * (w[None] - batch)), axis=-1))
-        if kind == "cliff":  # diverges (NaN) past w_0 - c_0 = CLIFF
-            u = w[None, 0] - batch[:, 0]
-            return jnp.mean(jnp.where(u < CLIFF, u, jnp.nan))
-        return 0.5 * jnp.mean(jnp.sum((w[None] - batch) ** 2, axis=-1))
-
-    return hg.Task(params=jnp.zeros(2), train_loss=train, val_loss=val,
-                   train_data=jnp.asarray(x), val_data=jnp.asarray(C[None]),
-                   space=hg.HyperSpace({"shift": hg.real(np.array([0.1, -0.4]))}),
-                   optimizer=hg.inner.sgd(learning_rate=ETA), steps=steps)
-
-
-def weights(steps=STEPS):
-    """``eta (1 - eta)^(T-1-t)`` for t < T: how much the shift at step t moves ``w_T``."""
-    return ETA * (1 - ETA) ** (steps - 1 - np.arange(steps))
-
-
-def smoothed_grad(s, sigma, spread, kind="cos", steps=STEPS):
-    """The gradient in ``s`` of the validation loss averaged over perturbations that
-    leave ``w_T`` Gaussian with standard deviation ``sigma * spread`` per coordinate."""
-    a = weights(steps).sum()
-    mu = a * (s + XBAR)
-    if kind == "quadratic":
-        return a * (mu - C)
-    return OMEGA * a * np.sin(OMEGA * (mu - C)) * np.exp(-0.5 * (OMEGA * sigma * spread) ** 2)
-
-
-def phi0(task):
-    return task.space.init()
+from tests.problems import (
+    CLIFF,
+    OMEGA,
+    XBAR,
+    C,
+    logreg_task,
+    phi0,
+    shift_task,
+    smoothed_grad,
+    weights,
+)
 
 
 def test_es_matches_the_smoothed_closed_form():

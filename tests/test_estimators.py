@@ -7,46 +7,12 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators import NotConvergedWarning
-from tests.test_reverse import logreg_task, tiny_cnn_task
+from tests.problems import logreg_task, ridge, tiny_cnn_task
 
 
 def rel(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def ridge(lam, *, n=40, d=4, steps=3, lr=0.1, batch_size=None, at_optimum=True, seed=0):
-    """Ridge regression, train loss ``mean (Xw - y)^2 + sum lam w^2``, and its exact
-    hypergradient with respect to ``phi = log lam`` from ``w* = (X'X + n Lam)^-1 X'y``."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    y = x @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n)
-    xv = rng.standard_normal((20, d))
-    yv = xv @ rng.standard_normal(d)
-    lam = np.asarray(lam, dtype=np.float64)
-    m = x.T @ x + n * np.diag(np.broadcast_to(lam, (d,)))
-    w_star = np.linalg.solve(m, x.T @ y)
-
-    def train(w, hparams, batch):
-        xb, yb = batch
-        return jnp.mean((xb @ w - yb) ** 2) + jnp.sum(hparams["l2"] * w**2)
-
-    def val(w, hparams, batch):
-        xb, yb = batch
-        return jnp.mean((xb @ w - yb) ** 2)
-
-    task = hg.Task(params=jnp.asarray(w_star if at_optimum else np.zeros(d)),
-                   train_loss=train, val_loss=val,
-                   train_data=(jnp.asarray(x), jnp.asarray(y)),
-                   val_data=(jnp.asarray(xv), jnp.asarray(yv)),
-                   space=hg.HyperSpace({"l2": hg.positive(lam)}),
-                   optimizer=hg.inner.sgd(learning_rate=lr), steps=steps,
-                   batch_size=batch_size)
-    g_val = 2 / len(yv) * xv.T @ (xv @ w_star - yv)
-    dlam = -n * w_star * np.linalg.solve(m, g_val)  # d L_val / d lam_i
-    exact = lam * (dlam if lam.ndim else dlam.sum())  # chain rule through lam = exp(phi)
-    hessian = 2 / n * m
-    return task, exact, hessian
 
 
 LAMS = [0.1, np.array([0.05, 0.1, 0.2, 0.4])]

@@ -233,8 +233,8 @@ def test_maclaurin_schedules_reversible_matches_reverse():
     import jax
     import numpy as np
 
-    from hypergrad_experiments import maclaurin_schedules as ms
     from hypergrad.experiment import estimator_for
+    from hypergrad_experiments import maclaurin_schedules as ms
 
     config = ms.MaclaurinConfig(steps=10, batch_size=50, data_train_size=200,
                                 data_val_size=100, dtype="float64",

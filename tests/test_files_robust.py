@@ -20,7 +20,7 @@ from hypergrad import workdir as files
 from hypergrad.cli import main
 from hypergrad.run import run
 from hypergrad.workdir import Lock, WorkdirError
-from tests.test_run import QUAD, QuadConfig
+from tests.problems import QUAD, QuadConfig
 
 HOST = os.uname().nodename
 

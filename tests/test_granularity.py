@@ -282,7 +282,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="does not fit its layout"):
         mlp_task(hg.HyperSpace({"learning_rate": hg.positive(np.ones(5), per="layer")}))
     with pytest.raises(ValueError, match="resolve the space"):
-        hg.HyperSpace({"learning_rate": hg.positive(0.1, per="layer")}).init()
+        unresolved = hg.HyperSpace({"learning_rate": hg.positive(0.1, per="layer")})
+        unresolved.expand(unresolved.constrain(unresolved.init()))
     with pytest.raises(ValueError, match="example_weight needs one value per training"):
         mlp_task(hg.HyperSpace({"example_weight": hg.real(np.zeros(3))}))
     with pytest.raises(ValueError, match="schedule of learning_rate"):

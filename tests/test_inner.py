@@ -2,34 +2,13 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
 import hypergrad as hg
+from tests.problems import logreg
 
 KEY = jax.random.key(0)
-
-
-def logreg(space, optimizer, steps=10, batch_size=20, dtype=jnp.float64):
-    """Softmax regression on 60 random points: small enough to check every coordinate."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((60, 5))
-    y = rng.integers(0, 3, 60)
-    xv = rng.standard_normal((30, 5))
-    yv = rng.integers(0, 3, 30)
-    params = {"w": jnp.asarray(0.1 * rng.standard_normal((5, 3)), dtype),
-              "b": jnp.zeros(3, dtype)}
-
-    def loss(p, hparams, batch):
-        xb, yb = batch
-        logits = xb @ p["w"] + p["b"][None, :]
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1))
-
-    return hg.Task(params=params, train_loss=loss, val_loss=loss,
-                   train_data=(jnp.asarray(x, dtype), jnp.asarray(y)),
-                   val_data=(jnp.asarray(xv, dtype), jnp.asarray(yv)),
-                   space=space, optimizer=optimizer, steps=steps, batch_size=batch_size)
 
 
 def assert_every_coordinate_checks(task, tol=1e-6):

@@ -9,8 +9,17 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators.pes import NOISE_STREAM
-from tests.test_es import CLIFF, STEPS, XBAR, C, phi0, shift_task, smoothed_grad, weights
-from tests.test_reverse import logreg_task
+from tests.problems import (
+    CLIFF,
+    STEPS,
+    XBAR,
+    C,
+    logreg_task,
+    phi0,
+    shift_task,
+    smoothed_grad,
+    weights,
+)
 
 
 def window_spread(window, steps=STEPS):

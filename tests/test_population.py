@@ -19,7 +19,7 @@ from hypergrad.config import ConfigError, override
 from hypergrad.experiment import get_experiment
 from hypergrad.run import run
 from hypergrad.tune import TuneError
-from tests.test_run import QUAD, QuadConfig
+from tests.problems import QUAD, QuadConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -14,7 +14,7 @@ from hypergrad import workdir as files
 from hypergrad.cli import main
 from hypergrad.run import run
 from hypergrad.workdir import WorkdirError
-from tests.test_run import QUAD, QuadConfig
+from tests.problems import QUAD, QuadConfig, template
 
 TINY = ["--set", "steps=4", "--set", "batch_size=20", "--set", "channels=4,4,4",
         "--set", "meta_steps=6", "--set", "save_every=2"]
@@ -87,7 +87,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
         assert p.wait(timeout=120) == 128 + signal.SIGTERM
         err = p.stderr.read()
     assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
-    _, meta = files.load_checkpoint(work / "checkpoint.npz", _template(work))
+    _, meta = files.load_checkpoint(work / "checkpoint.npz", template(work))
     done = meta["meta_step"]
     assert 2 <= done < 40 and len(metrics(work)) == done
     # The run may be resumed with a different number of meta-steps (and nothing else).
@@ -95,21 +95,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
                              "--set", f"meta_steps={done + 1}", cwd=tmp_path)
     assert status == 0, err
     assert len(metrics(work)) == done + 1 and summary(work)["meta_steps_run"] == done + 1
-
-
-def _template(work):
-    from hypergrad.config import from_dict
-    from hypergrad.experiment import estimator_for, get_experiment, outer_for
-    from hypergrad.population import host
-    from hypergrad.run import keys_for
-    from hypergrad.tune import initial_state
-
-    saved = json.loads((work / "config.json").read_text())
-    experiment = get_experiment(saved.pop("experiment"))
-    config = from_dict(experiment.config, saved)
-    task = experiment.build(config).task
-    return host(initial_state(task, estimator_for(config), outer_for(config),
-                              key=keys_for(config), phi=task.space.init(np.float32)))
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import hypergrad as hg
+from tests.problems import counting, logreg_task, tiny_cnn_task
 
 
 def quadratic_task(alpha, steps, n=5, seed=0):
@@ -36,39 +37,6 @@ def test_learning_rate_of_gradient_descent_on_a_quadratic(alpha, steps, checkpoi
     dalpha = -steps * w_t @ a @ a @ np.linalg.matrix_power(m, steps - 1) @ w0
     np.testing.assert_allclose(value, 0.5 * w_t @ a @ w_t, rtol=1e-12)
     np.testing.assert_allclose(grad["learning_rate"], alpha * dalpha, rtol=1e-8)
-
-
-def logreg_task(steps=12, batch_size=20, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((60, 5))
-    y = rng.integers(0, 3, 60)
-    xv = rng.standard_normal((30, 5))
-    yv = rng.integers(0, 3, 30)
-    params = {"w": jnp.asarray(0.1 * rng.standard_normal((5, 3))), "b": jnp.zeros(3)}
-
-    def loss(p, hparams, batch):
-        xb, yb = batch
-        logits = xb @ p["w"] + p["b"][None, :]
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
-
-    space = hg.HyperSpace({"learning_rate": hg.positive(0.5), "momentum": hg.unit(0.5),
-                           "weight_decay": hg.positive(1e-2)})
-    return hg.Task(params=params, train_loss=loss, val_loss=loss,
-                   train_data=(jnp.asarray(x), jnp.asarray(y)),
-                   val_data=(jnp.asarray(xv), jnp.asarray(yv)),
-                   space=space, optimizer=hg.inner.sgd(), steps=steps, batch_size=batch_size)
-
-
-def counting(task):
-    """``task`` with losses that count their traces, and the list they append to."""
-    traces, base = [], task.train_loss
-
-    def loss(p, hparams, batch):
-        traces.append(1)
-        return base(p, hparams, batch)
-
-    return task.replace(train_loss=loss, val_loss=loss), traces
 
 
 @pytest.mark.parametrize("batch_size", [None, 20])
@@ -164,19 +132,6 @@ def test_task_validation():
     with pytest.raises(ValueError, match="sgd needs learning_rate"):
         t = task.replace(space=hg.HyperSpace({"momentum": hg.unit(0.5)}))
         hg.estimators.reverse()(t, t.space.init(), jax.random.key(0))
-
-
-def tiny_cnn_task(conv="matmul"):
-    from hypergrad.task import seed_cnn
-
-    data = hg.data.load("digits", train_size=60, val_size=30, test_size=10,
-                        dtype=jnp.float64)
-    space = hg.HyperSpace({"learning_rate": hg.positive(0.1), "momentum": hg.unit(0.5),
-                           "weight_decay": hg.positive(1e-3),
-                           "leaky_slope": hg.bounded(0.1, 0.0, 1.0)})
-    task, _ = seed_cnn(data, space, steps=8, batch_size=10, channels=(4, 4, 4), conv=conv,
-                       dtype=jnp.float64)
-    return task
 
 
 @pytest.mark.parametrize("conv", ["matmul", "native"])

@@ -9,7 +9,7 @@ import pytest
 
 import hypergrad as hg
 from hypergrad.estimators.reversible import reversible
-from tests.test_reverse import counting, logreg_task, tiny_cnn_task
+from tests.problems import counting, logreg_task, tiny_cnn_task
 
 # The module's pieces (the package's `reversible` attribute is the estimator function).
 rv = sys.modules["hypergrad.estimators.reversible"]

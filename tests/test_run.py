@@ -4,51 +4,14 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hypergrad as hg
-from hypergrad.config import Config
-from hypergrad.experiment import Experiment, Problem
 from hypergrad.run import run
 from hypergrad.tune import TuneError
 from hypergrad.workdir import WorkdirError
-
-
-@dataclasses.dataclass(frozen=True)
-class QuadConfig(Config):
-    steps: int = 10
-    meta_steps: int = 4
-    strategy: str = "local"  # these tests watch one local run's guard and files
-    learning_rate: float = 0.1
-    nan_above: float = 10.0  # the validation loss is NaN for learning rates above this
-
-    def space(self):
-        return hg.HyperSpace({"learning_rate": hg.positive(self.learning_rate)})
-
-
-def quad_build(config):
-    a = jnp.diag(jnp.linspace(0.1, 1.0, 4))
-
-    def loss(w, hparams, batch):
-        return 0.5 * w @ (a @ w)
-
-    def val_loss(w, hparams, batch):
-        v = loss(w, hparams, batch)
-        return jnp.where(hparams["learning_rate"] > config.nan_above, jnp.nan, v)
-
-    task = hg.Task(params=jnp.ones(4), train_loss=loss, val_loss=val_loss,
-                   train_data=jnp.zeros(1), val_data=jnp.zeros(1), space=config.space(),
-                   optimizer=hg.inner.sgd(), steps=config.steps)
-
-    def evaluate(params, hparams):
-        return {"test_loss": loss(params, hparams, None), "test_accuracy": jnp.asarray(1.0)}
-
-    return Problem(task, evaluate)
-
-
-QUAD = Experiment("quad", QuadConfig(), quad_build, "a quadratic")
+from tests.problems import QUAD, QuadConfig, quad_build
 
 
 def records(workdir):

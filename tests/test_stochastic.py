@@ -8,6 +8,7 @@ from flax import nnx
 
 import hypergrad as hg
 from hypergrad.task import seed_cnn
+from tests.problems import logreg
 
 KEY = jax.random.key(0)
 STEPS = 6
@@ -102,8 +103,6 @@ def test_a_run_cut_into_pieces_draws_the_same_noise():
 
 
 def test_a_user_loss_with_a_key_and_one_without_both_train():
-    from tests.test_inner import logreg
-
     space = hg.HyperSpace({"learning_rate": hg.positive(0.3), "noise": hg.positive(0.5)})
     base = logreg(hg.HyperSpace({"learning_rate": hg.positive(0.3)}), hg.inner.sgd())
     assert not base.stochastic

@@ -10,22 +10,7 @@ import pytest
 from flax import nnx
 
 import hypergrad as hg
-
-
-def quadratic_task(nan_above=np.inf, steps=10):
-    """GD on 0.5 w'Aw; the validation loss is the same, NaN above a learning rate."""
-    a = jnp.diag(jnp.linspace(0.1, 1.0, 4))
-
-    def loss(w, hparams, batch):
-        return 0.5 * w @ (a @ w)
-
-    def val_loss(w, hparams, batch):
-        return jnp.where(hparams["learning_rate"] > nan_above, jnp.nan, loss(w, hparams, batch))
-
-    return hg.Task(params=jnp.ones(4), train_loss=loss, val_loss=val_loss,
-                   train_data=jnp.zeros(1), val_data=jnp.zeros(1),
-                   space=hg.HyperSpace({"learning_rate": hg.positive(0.1)}),
-                   optimizer=hg.inner.sgd(), steps=steps)
+from tests.problems import quadratic_task
 
 
 def exploding(estimator, above):

@@ -13,9 +13,7 @@ import pytest
 import hypergrad as hg
 from hypergrad import validation
 from hypergrad.config import ConfigError, override
-from tests.test_estimators import ridge
-from tests.test_run import QuadConfig
-from tests.test_tune import quadratic_task
+from tests.problems import QuadConfig, quadratic_task, ridge
 
 KEY = jax.random.key(0)
 EST = hg.estimators.reverse()

@@ -13,7 +13,7 @@ from hypergrad import workdir as files
 from hypergrad.cli import main
 from hypergrad.run import run
 from hypergrad.workdir import WorkdirError
-from tests.test_run import QUAD, QuadConfig
+from tests.problems import QUAD, QuadConfig, template
 
 
 def strict_json(path):
@@ -98,15 +98,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0]
     assert not list(work.glob("*.tmp"))
-    files.load_checkpoint(work / files.CHECKPOINT, _seed_template(work))  # still readable
+    files.load_checkpoint(work / files.CHECKPOINT, template(work))  # still readable
     monkeypatch.setattr(files.np, "savez", real)
     assert main([argv[0], "--resume", "--workdir", str(work), "--quiet"]) == 0
-
-
-def _seed_template(work):
-    from tests.test_resume import _template
-
-    return _template(work)
 
 
 def test_dtype_float64_is_honoured(tmp_path):

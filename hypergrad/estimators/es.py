@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 from hypergrad.estimators.base import Estimator
 from hypergrad.task import Task
 from hypergrad.unroll import objective
+from hypergrad.validation import keywords
 
 # Folded into the estimator's key for the perturbations; the key itself trains every
 # particle (common random numbers), as it trains the other estimators' runs. The draw is
@@ -21,6 +22,7 @@ from hypergrad.unroll import objective
 NOISE_STREAM = 0x5E5
 
 
+@keywords
 def es(sigma: float, num_pairs: int, chunk: int | None = None,
        cap: float | None = None) -> Estimator:
     """The gradient of the Gaussian-smoothed validation loss, by antithetic sampling.

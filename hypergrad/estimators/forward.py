@@ -11,8 +11,10 @@ from jax.flatten_util import ravel_pytree
 from hypergrad.estimators.base import Estimator
 from hypergrad.task import Task
 from hypergrad.unroll import objective
+from hypergrad.validation import keywords
 
 
+@keywords
 def forward() -> Estimator:
     """Push the tangent of every coordinate of ``phi`` forward through the unroll.
 

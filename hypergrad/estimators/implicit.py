@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from hypergrad.estimators.base import Estimator
 from hypergrad.task import Task
 from hypergrad.unroll import check_window, truncated_objective, unroll
+from hypergrad.validation import keywords
 
 SOLVERS = ("cg", "neumann", "fixed_point")
 
@@ -23,6 +24,7 @@ class NotConvergedWarning(UserWarning):
     """The implicit linear solve stopped before reaching its tolerance."""
 
 
+@keywords
 def implicit(
     solver: str = "cg", maxiter: int = 100, tol: float = 1e-6, alpha: float | None = None,
     fallback: str | None = None, window: int = 10,

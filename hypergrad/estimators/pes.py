@@ -16,6 +16,7 @@ from hypergrad.estimators.base import Estimator, Online
 from hypergrad.inner import InnerState
 from hypergrad.task import Task
 from hypergrad.unroll import objective, segment, start
+from hypergrad.validation import keywords
 
 # The same stream as es's, so that pes with a single window draws es's perturbations.
 NOISE_STREAM = 0x5E5
@@ -58,6 +59,7 @@ class PESSteps(NamedTuple):
     step: Callable[..., tuple[PESState, jax.Array, Any, dict[str, Any]]]
 
 
+@keywords
 def pes_steps(sigma: float, num_pairs: int, window: int,
               cap: float | None = None) -> PESSteps:
     """PES's ``init`` and ``step`` for online tuning (see :class:`PESSteps`).
@@ -102,6 +104,7 @@ def pes_steps(sigma: float, num_pairs: int, window: int,
     return PESSteps(init, step)
 
 
+@keywords
 def pes(sigma: float, num_pairs: int, window: int, cap: float | None = None) -> Estimator:
     """PES on one whole training run, cut into windows of ``window`` steps.
 

@@ -10,8 +10,10 @@ from hypergrad.estimators.base import Estimator
 from hypergrad.inner import check_hvp
 from hypergrad.task import Task
 from hypergrad.unroll import check_policy, objective
+from hypergrad.validation import keywords
 
 
+@keywords
 def reverse(checkpoint: Any = "auto", hvp: str = "reverse") -> Estimator:
     """Backpropagate the validation loss through all T inner steps.
 

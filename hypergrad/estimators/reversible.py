@@ -49,6 +49,7 @@ from hypergrad.estimators.base import Estimator
 from hypergrad.inner import lookup, per_leaf, takes_key, value_and_grad
 from hypergrad.task import Task
 from hypergrad.unroll import batch_indices, step_key
+from hypergrad.validation import keywords
 
 SGD_NAMES = ("learning_rate", "momentum", "weight_decay")
 
@@ -381,6 +382,7 @@ def auto_bits_per_step(task: Task, momentum_bits: int, slack: float = 1.25) -> f
     return max(slack * math.log2(1 / mu_q), 1e-3)
 
 
+@keywords
 def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
                bits_per_step: float | str = "auto", int_dtype: Any = None) -> Estimator:
     """Hypergradients by running exact fixed-point SGD with momentum backward.

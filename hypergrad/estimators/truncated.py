@@ -10,8 +10,10 @@ from hypergrad.estimators.base import Estimator, Online
 from hypergrad.inner import check_hvp
 from hypergrad.task import Task
 from hypergrad.unroll import check_policy, check_window, segment, start, truncated_objective
+from hypergrad.validation import keywords
 
 
+@keywords
 def truncated(window: int, checkpoint: Any = "auto", hvp: str = "reverse") -> Estimator:
     """Backpropagate the validation loss through the last ``window`` inner steps only.
 

@@ -69,7 +69,10 @@ class History:
     start). ``state`` is the loop's last :class:`~hypergrad.tune.step.TuneState` (to
     continue it: ``tune(..., state=history.state)``); ``explored`` the
     :class:`hypergrad.search.SearchResult` of an exploration phase (``None`` without one;
-    not saved by :meth:`save`); ``strategy`` the strategy's name.
+    not saved by :meth:`save`); ``strategy`` the strategy's name. ``groups`` names, for
+    each hyperparameter with one value per group of weights (``per="layer"``, a
+    function, pairs), its groups in the order of the value's last axis: see
+    :meth:`by_group`.
     """
 
     val_loss: np.ndarray
@@ -97,6 +100,23 @@ class History:
     diagnosis: list[str] = dataclasses.field(default_factory=list)
     strategy: str = "local"
     phis: PyTree = None
+    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def by_group(self, name: str, value: Any = None) -> dict[str, np.ndarray]:
+        """A grouped hyperparameter's values labelled by group (layer).
+
+        Without ``value``, its value at each meta-step (``hparams[name]``); with one
+        (``history.best.hparams[name]``), that value. Each group's entry is the value's
+        last axis at that group's index (a schedule's steps and a population's members
+        stay in front). A History read by :meth:`load` has the records' summaries: each
+        group's value per meta-step, or its mean over a schedule's steps.
+        """
+        if name not in self.groups:
+            grouped = ", ".join(self.groups) or "none"
+            raise KeyError(f"{name!r} has no groups (grouped hyperparameters: {grouped}); "
+                           "per-parameter values are trees labelled by the weights' paths")
+        array = np.asarray(self.hparams[name] if value is None else value)
+        return {g: array[..., i] for i, g in enumerate(self.groups[name])}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -174,7 +194,7 @@ class History:
             "start": self.start and _point_json(self.start),
             "stopped": self.stopped, "stop_reason": self.stop_reason,
             "diagnosis": self.diagnosis, "strategy": self.strategy,
-            "population": self.population})
+            "population": self.population, "groups": self.groups})
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path``; :meth:`load` reads it."""
@@ -196,6 +216,10 @@ class History:
         history.stop_reason = data.get("stop_reason", "meta_steps")
         history.diagnosis = list(data.get("diagnosis", []))
         history.strategy = data.get("strategy", "local")
+        history.groups = {n: list(g) for n, g in data.get("groups", {}).items()}
+        for name, groups in history.groups.items():  # (meta_steps, [P,] groups)
+            history.hparams[name] = _grouped(history.records, history.population, name,
+                                             groups)
         return history
 
     @classmethod
@@ -266,6 +290,23 @@ def _from_records(records: list[dict[str, Any]], population: int | None) -> Hist
                    seconds=np.asarray([r.get("seconds", np.nan) for r in records], float),
                    hparams=hparams, hypergrad={}, line_search=None, records=records,
                    best=empty, final=empty, bests=[], finals=[], population=population)
+
+
+def _grouped(records: list[dict[str, Any]], population: int | None, name: str,
+             groups: list[str]) -> np.ndarray:
+    """A grouped hyperparameter per meta-step from the records' summaries (each group's
+    value, or its mean over a schedule's steps; NaN where the step was rejected)."""
+
+    def entry(e: Mapping[str, Any]) -> list[float]:
+        h = e.get("hparams", {}).get(name)
+        if not (isinstance(h, dict) and "groups" in h):
+            return [math.nan] * len(groups)
+        return [_scalar(h["groups"][g]) for g in groups]
+
+    if population is None:
+        return np.asarray([entry(r) for r in records], float).reshape(-1, len(groups))
+    return np.asarray([[entry(m) for m in r["members"]] for r in records],
+                      float).reshape(-1, population, len(groups))
 
 
 def _scalar(summary: Any) -> float:

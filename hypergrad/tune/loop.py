@@ -62,6 +62,7 @@ from hypergrad.tune.step import (
 )
 from hypergrad.tune.strategies import Local, Plan
 from hypergrad.unroll import objective
+from hypergrad.validation import keywords
 
 PyTree = Any
 
@@ -146,6 +147,7 @@ def states(task: Task, estimator: Estimator, outer: optax.GradientTransformation
     return build(task, phis, keys)
 
 
+@keywords
 def tune(task: Task, estimator: Estimator | None = None,
          outer: optax.GradientTransformation | str | None = None, *,
          key: jax.Array, budget: float | None = None, meta_steps: int | None = None,
@@ -874,4 +876,6 @@ def _assemble(space, metrics, records, seconds, clock, population, size, best, f
         best=best, final=final, bests=bests, finals=finals, stopped=stopped,
         explored=explored, population=population, state=state, start=start,
         clock=np.asarray(clock, float), stop_reason=stop_reason, diagnosis=diagnosis,
-        strategy=strategy, phis=stack_tree("phi") if metrics else None)
+        strategy=strategy, phis=stack_tree("phi") if metrics else None,
+        groups={n: list(c.layout.groups) for n, c in space.constraints.items()
+                if c.layout is not None and c.layout.groups is not None})

@@ -43,6 +43,7 @@ from hypergrad import population as population_lib
 from hypergrad import search
 from hypergrad.task import Task
 from hypergrad.unroll import objective
+from hypergrad.validation import keywords
 
 PyTree = Any
 
@@ -212,6 +213,11 @@ class ExploreRefine:
         return Plan(stacked_starts, None if size == 1 else size, explored,
                     [like(p) for p in queue], float(loss[0]), searcher,
                     {"explored": len(loss)})
+
+
+Local.__init__ = keywords(Local.__init__, "Local")  # type: ignore[method-assign]
+ExploreRefine.__init__ = keywords(  # type: ignore[method-assign]
+    ExploreRefine.__init__, "ExploreRefine")
 
 
 class Searcher:
