@@ -82,7 +82,8 @@ class Config:
         on the whole run, with ``sigma``, ``num_pairs``, ``cap``) or ``pes`` (persistent ES
         over windows of ``window`` steps).
       window: the truncated estimator's window K (at most ``steps``); ``pes``'s window.
-      solver: the implicit estimator's linear solver: ``cg``, ``neumann``, ``fixed_point``.
+      solver: the implicit estimator's linear solver: ``cg``, ``gmres`` (non-symmetric
+        systems, no step), ``neumann``, ``fixed_point``.
       maxiter: the implicit solver's iterations.
       tol: the implicit solver's relative residual tolerance.
       solver_step: the step of the ``neumann`` and ``fixed_point`` solvers (needed by them).
@@ -231,7 +232,7 @@ class Config:
             raise ConfigError(f"tol must be > 0, got {self.tol:g}")
         if self.solver_step is not None and not self.solver_step > 0:
             raise ConfigError(f"solver_step must be > 0, got {self.solver_step:g}")
-        if (self.estimator == "implicit" and self.solver != "cg"
+        if (self.estimator == "implicit" and self.solver in ("neumann", "fixed_point")
                 and self.solver_step is None):
             raise ConfigError(f"solver {self.solver} needs solver_step (for example the "
                               "inner learning rate): --set solver_step=0.01")

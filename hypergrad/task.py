@@ -62,6 +62,24 @@ class Task:
         as ``f(params, hparams, batch, state=s) -> (loss, new_state)`` (``key=`` too if
         it takes one) and ``g(params, hparams, batch, state=s) -> scalar`` with the
         state after the last step. The optimizer updates ``params`` only.
+      batches: an explicit minibatch order, integers ``[steps, b]``: step ``t`` trains on
+        the examples ``batches[t]`` of ``train_data`` (in-order batches; a stream of
+        fresh examples laid out one batch after another, ``arange(steps * b).reshape(
+        steps, b)``). ``None`` draws shuffled epochs from the run's key. It is data (a
+        leaf of the task): another order does not compile again. ``batch_size`` becomes
+        ``b``.
+      opt_state: the inner optimizer's starting state (a momentum's starting velocity, a
+        carried RMSProp state), shaped as ``optimizer.init(params)`` returns it; ``None``
+        starts from ``optimizer.init(params)``. Data like ``batches``: a new starting
+        state does not compile again, and ``jax.grad`` with respect to the task gives
+        its gradient as it gives the initial weights'.
+      meta_loss: what the tuner minimizes: ``"final"`` (default), the validation loss
+        after the last step; ``"train_mean"``, the training batch loss averaged over
+        every step (learned_optimization's ES/PES meta-loss; no extra evaluation); or a
+        tuple of step counts ``(t1, t2, ...)`` in ``[1, steps]``, the validation loss
+        averaged over the weights after ``t1, t2, ...`` steps. The reverse, forward and
+        ES estimators take all three, PES ``"final"`` and ``"train_mean"``; the
+        truncated, implicit and reversible estimators only ``"final"``.
     """
 
     params: PyTree | Callable[[jax.Array, Any], PyTree]
@@ -76,6 +94,9 @@ class Task:
     val_batch_size: int | None = None
     hvp_batch_size: int | None = None
     state: PyTree = None
+    batches: Any = None
+    opt_state: PyTree = None
+    meta_loss: Any = "final"
 
     def __post_init__(self):
         if not isinstance(self.optimizer, InnerOptimizer):
@@ -104,6 +125,10 @@ class Task:
             if sizes == {0}:
                 raise ValueError(f"{name} holds 0 examples; it needs at least 1")
         n = self.num_examples
+        if self.batches is not None:
+            object.__setattr__(self, "batches", _check_batches(self.batches, self.steps, n,
+                                                               self.batch_size))
+            object.__setattr__(self, "batch_size", int(self.batches.shape[1]))
         if self.batch_size is not None:
             b = self.batch_size
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
@@ -114,6 +139,17 @@ class Task:
                 raise ValueError(f"{name} must be a positive integer or None, got {c!r}")
         # Lay granular and scheduled hyperparameters out for these weights and this T.
         object.__setattr__(self, "space", self.space.resolve(self._param_shapes(), self.steps))
+        if self.opt_state is not None:
+            _check_opt_state(self)
+        object.__setattr__(self, "meta_loss", _check_meta_loss(self.meta_loss, self.steps))
+
+    def require_final(self, estimator: str) -> None:
+        """Refuse a ``meta_loss`` other than ``"final"`` for an estimator that
+        differentiates the validation loss after the last step only."""
+        if self.meta_loss != "final":
+            raise ValueError(f"{estimator} differentiates the validation loss after the last "
+                             f"step only, and this task's meta_loss is {self.meta_loss!r}; "
+                             "use reverse(), forward() or es() (pes() for 'train_mean')")
         _check_reads(self)
 
     def _param_shapes(self) -> PyTree:
@@ -175,6 +211,57 @@ class Task:
 
 
 Task.__init__ = keywords(Task.__init__, "Task")  # type: ignore[method-assign]
+
+
+def _check_batches(batches: Any, steps: int, n: int, batch_size: int | None) -> jax.Array:
+    """``batches`` as int32 ``[steps, b]`` indices into ``n`` examples, or ValueError."""
+    if isinstance(batches, jax.core.Tracer):
+        return batches
+    array = np.asarray(batches)
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim != 2 \
+            or array.shape[0] != steps or array.shape[1] < 1:
+        raise ValueError(f"batches must be integers shaped [steps, batch] = [{steps}, b] "
+                         f"(example indices per step), got {show(batches)}")
+    if array.min() < 0 or array.max() >= n:
+        raise ValueError(f"batches holds indices from {array.min()} to {array.max()}; "
+                         f"train_data has {n} examples (0 to {n - 1})")
+    if batch_size is not None and batch_size != array.shape[1]:
+        raise ValueError(f"batch_size={batch_size} but batches has {array.shape[1]} "
+                         "examples per step; leave batch_size out")
+    return jnp.asarray(array, jnp.int32)
+
+
+def _check_meta_loss(meta_loss: Any, steps: int) -> Any:
+    """``"final"``, ``"train_mean"`` or a sorted tuple of distinct steps in
+    ``[1, steps]``; ValueError naming the choices otherwise."""
+    if isinstance(meta_loss, str):
+        if meta_loss in ("final", "train_mean"):
+            return meta_loss
+    elif isinstance(meta_loss, tuple | list | np.ndarray):
+        counts = [int(t) for t in np.ravel(meta_loss)
+                  if isinstance(t, int | np.integer) and not isinstance(t, bool)]
+        if counts and len(counts) == np.size(meta_loss) and len(set(counts)) == len(counts) \
+                and 1 <= min(counts) and max(counts) <= steps:
+            return tuple(sorted(counts))
+    raise ValueError(f"meta_loss must be 'final', 'train_mean' or distinct step counts in "
+                     f"[1, {steps}] (the validation loss averaged after those steps), got "
+                     f"{show(meta_loss)}")
+
+
+def _check_opt_state(task: Task) -> None:
+    """Refuse an ``opt_state`` not shaped as ``optimizer.init(params)`` returns it."""
+    expected = jax.eval_shape(task.optimizer.init, task._param_shapes())
+    given: Any = jax.tree.structure(task.opt_state)  # PyTreeDef's stubs lack __eq__
+    want: Any = jax.tree.structure(expected)
+    fix = f"give the state {task.optimizer.name}'s init(params) returns, with your values"
+    if given != want:
+        raise ValueError(f"opt_state is not shaped as the {task.optimizer.name} optimizer's "
+                         f"state: its structure is {given}, where {want} is expected; {fix}")
+    for leaf, spec in zip(jax.tree.leaves(task.opt_state), jax.tree.leaves(expected),
+                          strict=True):
+        if np.shape(leaf) != spec.shape:
+            raise ValueError(f"opt_state has a leaf of shape {np.shape(leaf)} where "
+                             f"{spec.shape} is expected; {fix}")
 
 
 class UndeclaredHyperparameter(KeyError):
@@ -255,20 +342,24 @@ def _flatten(task: Task):
     fn = task.params if callable(task.params) else None
     arrays = None if fn is not None else task.params
     static = (fn, task.train_loss, task.val_loss, task.space, task.optimizer,
-              task.steps, task.batch_size, task.val_batch_size, task.hvp_batch_size)
-    return (arrays, task.train_data, task.val_data, task.state), static
+              task.steps, task.batch_size, task.val_batch_size, task.hvp_batch_size,
+              task.meta_loss)
+    children = (arrays, task.train_data, task.val_data, task.state, task.batches,
+                task.opt_state)
+    return children, static
 
 
 def _unflatten(static, children) -> Task:
     # Bypass __post_init__: under a transformation the leaves may be tracers or objects.
     task = object.__new__(Task)
     (fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size,
-     hvp_batch_size) = static
-    arrays, train_data, val_data, state = children
+     hvp_batch_size, meta_loss) = static
+    arrays, train_data, val_data, state, batches, opt_state = children
     values = dict(params=fn if fn is not None else arrays, train_loss=train_loss,
                   val_loss=val_loss, train_data=train_data, val_data=val_data, space=space,
                   optimizer=optimizer, steps=steps, batch_size=batch_size,
-                  val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size, state=state)
+                  val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size, state=state,
+                  batches=batches, opt_state=opt_state, meta_loss=meta_loss)
     for name, value in values.items():
         object.__setattr__(task, name, value)
     return task

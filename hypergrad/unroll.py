@@ -52,6 +52,15 @@ def auto_policy(backend: str | None = None) -> str | None:
     return "step" if (backend or jax.default_backend()) == "cpu" else None
 
 
+def order(task: Task, data_key: jax.Array) -> jax.Array:
+    """The task's minibatch indices ``[steps, batch_size]``: its explicit ``batches``, or
+    shuffled epochs drawn from ``data_key`` (:func:`batch_indices`)."""
+    if task.batches is not None:
+        return task.batches
+    assert task.batch_size is not None
+    return batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
+
+
 def check_policy(checkpoint: Any) -> int | str | None:
     """Normalize a checkpoint policy to ``None`` (store everything), ``"step"``, a chunk
     length k > 1, or ``"nested"``; ``"auto"`` becomes :func:`auto_policy`'s choice for
@@ -130,7 +139,8 @@ def start(task: Task, hparams: Any, key: jax.Array) -> tuple[InnerState, jax.Arr
     """
     init_key, data_key = jax.random.split(key)
     params = task.init_params(init_key, hparams)
-    return InnerState(params, task.optimizer.init(params), task.state), data_key
+    opt_state = task.optimizer.init(params) if task.opt_state is None else task.opt_state
+    return InnerState(params, opt_state, task.state), data_key
 
 
 def resume(
@@ -189,7 +199,7 @@ def segment(
     if task.batch_size is None:
         idx = None
     else:
-        idx = batch_indices(data_key, task.num_examples, task.batch_size, task.steps)
+        idx = order(task, data_key)
         idx = jax.lax.dynamic_slice_in_dim(idx, begin, length)
     # A train_loss that takes a key gets step_key(data_key, t) at step t.
     ts = begin + jnp.arange(length) if takes_key(task.train_loss) else None
@@ -244,7 +254,10 @@ def train(
 
 
 def _outcome(task: Task, hparams: Any, state: InnerState, losses: jax.Array):
-    value = task.validation_loss(state.params, hparams, state=state.model_state)
+    if task.meta_loss == "train_mean":
+        value = jnp.mean(losses)
+    else:
+        value = task.validation_loss(state.params, hparams, state=state.model_state)
     aux = {"train_loss": losses[-1], "train_losses": losses, "params": state.params}
     if state.model_state is not None:
         aux["model_state"] = state.model_state
@@ -254,7 +267,8 @@ def _outcome(task: Task, hparams: Any, state: InnerState, losses: jax.Array):
 def objective(
     task: Task, phi: Any, key: jax.Array, *, checkpoint: Any = None, hvp: str = "reverse",
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """The outer objective: validation loss after training with ``space.constrain(phi)``.
+    """The outer objective: validation loss after training with ``space.constrain(phi)``
+    (or along the training run: ``task.meta_loss``).
 
     Returns:
       ``(val_loss, aux)`` where ``aux`` holds ``train_loss`` (the last step's batch loss),
@@ -262,8 +276,31 @@ def objective(
       with model state, ``model_state`` (the state the validation loss used).
     """
     hparams = task.space.constrain(phi)
+    if isinstance(task.meta_loss, tuple):
+        return _along(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
     state, losses = train(task, hparams, key, checkpoint=checkpoint, hvp=hvp)
     return _outcome(task, hparams, state, losses)
+
+
+def _along(task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any,
+           hvp: str) -> tuple[jax.Array, dict[str, Any]]:
+    """The validation loss averaged over the weights after the steps ``task.meta_loss``
+    counts: the run cut into segments that end there (one compiled scan each)."""
+    state, data_key = start(task, hparams, key)
+    begin, values, parts = 0, list[jax.Array](), list[jax.Array]()
+    for end in (*task.meta_loss, task.steps):
+        state, losses = resume(task, hparams, state, data_key, begin, end,
+                               checkpoint=checkpoint, hvp=hvp)
+        parts.append(losses)
+        if len(values) < len(task.meta_loss):
+            values.append(task.mean_val_loss(state.params, task.space.at_step(hparams, end - 1),
+                                             state.model_state))
+        begin = end
+    losses = jnp.concatenate(parts)
+    aux = {"train_loss": losses[-1], "train_losses": losses, "params": state.params}
+    if state.model_state is not None:
+        aux["model_state"] = state.model_state
+    return jnp.mean(jnp.stack(values)), aux
 
 
 def truncated_unroll(
@@ -299,7 +336,9 @@ def truncated_objective(
     task: Task, phi: Any, key: jax.Array, window: int, *, checkpoint: Any = None,
     hvp: str = "reverse",
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient."""
+    """:func:`objective` through :func:`truncated_unroll`: same value, truncated gradient
+    (for ``task.meta_loss="final"`` only)."""
+    task.require_final("truncated")
     hparams = task.space.constrain(phi)
     state, losses = _truncated_train(task, hparams, key, window, checkpoint=checkpoint,
                                      hvp=hvp)

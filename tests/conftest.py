@@ -1,13 +1,31 @@
 """Strict test configuration: float64 everywhere, no implicit rank promotion; compiled
-programs freed after every test module."""
+programs freed after every test module, and kept on disk for the rest of the session;
+the slow integration tests first."""
 
+import atexit
 import gc
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+if os.environ.get("HYPERGRAD_TEST_CACHE", "1") != "0":
+    # JAX's persistent compilation cache, one folder per test process (each pytest-xdist
+    # worker has its own: two processes never write one entry), removed when it exits.
+    # Modules compile the same programs again after `_free_compiled_programs`; this reads
+    # them back instead. Set only in this process's config, not in the environment, so
+    # the command-line runs the tests start (some of them killed with SIGKILL) neither
+    # read nor write it.
+    _CACHE = tempfile.mkdtemp(prefix="hypergrad-test-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -19,3 +37,9 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` (multi-minute integration runs) start first, so that with
+    pytest-xdist no worker begins one while the others have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -17,7 +17,10 @@ from hypergrad.task import Task
 from hypergrad.unroll import check_window, truncated_objective, unroll
 from hypergrad.validation import keywords
 
-SOLVERS = ("cg", "neumann", "fixed_point")
+SOLVERS = ("cg", "neumann", "fixed_point", "gmres")
+# A Richardson-type solve ("neumann", "fixed_point") whose residual exceeds this multiple of
+# |g| has diverged: it stops there and returns NaN rather than an overflowing iterate.
+_DIVERGED = 1e4
 
 
 class NotConvergedWarning(UserWarning):
@@ -58,9 +61,15 @@ def implicit(
       In exact arithmetic its K-th iterate equals the K-term Neumann sum; it recomputes
       the residual from ``v`` each step instead of accumulating powers.
 
-    Both need ``0 < alpha < 2 / lambda_max(H)`` to converge (the inner learning rate is
-    a natural choice); K Neumann terms with ``alpha`` = the learning rate equal the
-    K-step truncated hypergradient when training sits at the minimum of a quadratic.
+    - ``"gmres"``: restarted GMRES (Saad & Schultz 1986, restart 20); needs only ``H``
+      non-singular (an indefinite ``H``, at a saddle, too); ``maxiter`` counts its
+      Hessian-vector products in whole cycles.
+
+    Neumann and fixed-point need ``0 < alpha < 2 / lambda_max(H)`` to converge (the inner
+    learning rate is a natural choice); K Neumann terms with ``alpha`` = the learning rate
+    equal the K-step truncated hypergradient when training sits at the minimum of a
+    quadratic. When their residual grows past ``1e4 |g|`` they stop and return NaN
+    (a residual of NaN, reported as not converged) instead of an overflowing iterate.
 
     Convergence is reported in ``aux``. When the tolerance is not met the estimator warns
     with :class:`NotConvergedWarning` from a ``jax.debug.callback``, so the warning is
@@ -69,7 +78,7 @@ def implicit(
     that must not warn can read ``aux["converged"]`` and filter the warning.
 
     Args:
-      solver: ``"cg"``, ``"neumann"`` or ``"fixed_point"``.
+      solver: ``"cg"``, ``"neumann"``, ``"fixed_point"`` or ``"gmres"``.
       maxiter: the most solver iterations (Hessian-vector products).
       tol: the relative residual at which the solve counts as converged.
       alpha: the step of ``"neumann"`` and ``"fixed_point"`` (required for them).
@@ -88,6 +97,7 @@ def implicit(
     check_window(window)
 
     def estimate(task: Task, phi: Any, key: jax.Array):
+        task.require_final("implicit")
         _refuse_optimizer_hparams(task)
         hp = jax.lax.stop_gradient(task.space.constrain(phi))
         params, losses = unroll(task, hp, key)
@@ -157,6 +167,7 @@ def stationary_hypergradient(
 def root(
     solver: Callable, optimality: Callable, *, solve: str = "cg", maxiter: int = 100,
     tol: float = 1e-6, alpha: float | None = None, has_aux: bool = False,
+    check: bool = True,
 ) -> Callable:
     """Make any inner solver's output differentiable through its optimality condition.
 
@@ -167,33 +178,56 @@ def root(
     ``dx/dargs = -J^-1 d optimality/dargs`` with ``J = d optimality/dx`` at ``x``, so the
     solver's iterations are never differentiated (jaxopt's ``custom_root`` is the model).
     ``init`` gets a zero gradient. For a minimizer, ``optimality`` is the gradient of
-    the objective in ``x``, ``J`` its Hessian, and ``"cg"`` the natural solve.
+    the objective in ``x``, ``J`` its Hessian, and ``"cg"`` the natural solve. For a
+    fixed point ``x = T(x, *args)`` (jaxopt's ``custom_fixed_point``) use
+    :func:`fixed_point`, or ``optimality = T(x, *args) - x`` with ``solve="gmres"``.
 
-    The backward pass solves ``J' v = cotangent`` with the solves of
-    :func:`hypergrad.estimators.implicit` (``"cg"`` needs ``J`` symmetric positive
-    definite; ``"neumann"`` and ``"fixed_point"`` need ``alpha`` with the iteration
-    ``I - alpha J'`` contracting, and work for non-symmetric ``J``), by vector-Jacobian
-    products only, and warns with :class:`NotConvergedWarning` (eagerly and under
-    ``jax.jit``) when the relative residual stays above ``tol``. :func:`root_vjp`
-    returns the same cotangents with the solve's diagnostics. Forward mode
-    (``jax.jvp``) is not defined. The answer is exact only as far as ``x`` is a root:
-    stop the solver tightly.
+    The backward pass solves ``J' v = cotangent`` by vector-Jacobian products only, with
+    the solves of :func:`hypergrad.estimators.implicit`:
+
+    - ``"cg"``: conjugate gradients; needs ``J`` symmetric positive definite.
+    - ``"gmres"``: restarted GMRES; any non-singular ``J`` (non-symmetric, indefinite),
+      e.g. ``J = dT - I`` of a fixed point. ``maxiter`` counts its matrix-vector products.
+    - ``"neumann"``, ``"fixed_point"``: the Richardson iteration ``v <- v + alpha
+      (cotangent - J' v)``, which converges only when every eigenvalue of ``alpha J``
+      lies in the disc ``|z - 1| < 1`` (for ``J`` symmetric: ``0 < alpha < 2 /
+      lambda_max(J)``, and never for a negative definite ``J`` such as that of
+      ``T(x) - x`` with ``T(x) = x - grad f(x)``). It is stopped when its residual grows
+      past ``1e4 |cotangent|`` and then returns NaN, with the warning below naming the
+      fix (``solve="gmres"``), instead of an overflowing iterate.
+
+    With ``check`` (the default) the backward pass also computes the relative residual
+    ``|cotangent - J' v| / |cotangent|`` (one more vector-Jacobian product) and warns with
+    :class:`NotConvergedWarning`, eagerly and under ``jax.jit`` (each time the compiled
+    function runs), when it stays above ``tol`` (or the solve diverged). Under
+    ``jax.jit`` the warning is a host callback in the untaken branch of a ``lax.cond``:
+    a converged call makes no host round trip, and the callback is a side-effect-free
+    ``jax.pure_callback``, so the jitted function keeps JAX's C++ dispatch (a
+    ``jax.debug.callback`` anywhere in the program costs ~0.1 ms per call on a CPU, as
+    much as a whole hypergradient of a small problem). What the check costs is one more
+    vector-Jacobian product and a few norms: ``scripts/bench_root.py`` measures it on
+    jaxopt's ridge example. ``check=False`` skips it (no residual, no callback).
+    :func:`root_vjp` returns the same cotangents with the solve's diagnostics.
+    Forward mode (``jax.jvp``) is not defined. The answer is exact only as far as ``x``
+    is a root: stop the solver tightly.
 
     Args:
       solver: ``(init, *args) -> x``, or ``-> (x, aux)`` with ``has_aux``; ``x`` a
         pytree of float arrays.
       optimality: ``(x, *args) -> residual``, a pytree with as many elements as ``x``,
         zero at the solution.
-      solve: the linear solve of the backward pass, ``"cg"``, ``"neumann"`` or
-        ``"fixed_point"``.
+      solve: the linear solve of the backward pass, ``"cg"``, ``"gmres"``,
+        ``"neumann"`` or ``"fixed_point"``.
       maxiter, tol, alpha: as in :func:`hypergrad.estimators.implicit`.
       has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through and not
         differentiated.
+      check: compute the backward solve's residual and warn when it is above ``tol``.
 
     Returns:
       ``solution(init, *args)``, the solver's output, differentiable in ``args``.
     """
     linear = linear_solver(solve, maxiter, tol, alpha, label="solve")
+    warn = _warn_root(solve, tol)
 
     @jax.custom_vjp
     def run(init, args):
@@ -206,8 +240,14 @@ def root(
     def bwd(res, ct):
         init, x, args = res
         ct_args, info = root_vjp(optimality, x, args, ct[0] if has_aux else ct, linear)
-        jax.debug.callback(_warn_root(solve, tol), info["residual"] <= tol, info["residual"],
-                           info["iterations"])
+        if check:  # else XLA drops the residual's product as unused
+            residual, iterations = jax.lax.stop_gradient((info["residual"],
+                                                          info["iterations"]))
+            converged = residual <= tol  # False for NaN
+            if isinstance(converged, jax.core.Tracer):
+                ct_args = _warn_in_graph(warn, converged, residual, iterations, ct_args)
+            else:
+                warn(converged, residual, iterations)
         return jax.tree.map(_zero_cotangent, init), ct_args
 
     run.defvjp(fwd, bwd)
@@ -216,6 +256,26 @@ def root(
         return run(init, args)
 
     return solution
+
+
+def fixed_point(
+    solver: Callable, fixed_point_fun: Callable, *, solve: str = "gmres",
+    maxiter: int = 100, tol: float = 1e-6, alpha: float | None = None,
+    has_aux: bool = False, check: bool = True,
+) -> Callable:
+    """:func:`root` for a fixed point ``x = fixed_point_fun(x, *args)`` (jaxopt's
+    ``custom_fixed_point``): the optimality is ``fixed_point_fun(x, *args) - x``, so
+    ``J = dT - I``, in general neither symmetric nor definite, and the backward pass
+    solves ``J' v = cotangent`` by GMRES by default. ``solve="fixed_point"`` (Richardson,
+    with ``alpha``) also works when ``T`` is a contraction; the arguments are those of
+    :func:`root`.
+    """
+
+    def optimality(x, *args):
+        return jax.tree.map(jnp.subtract, fixed_point_fun(x, *args), x)
+
+    return root(solver, optimality, solve=solve, maxiter=maxiter, tol=tol, alpha=alpha,
+                has_aux=has_aux, check=check)
 
 
 def root_vjp(
@@ -261,6 +321,36 @@ def root_vjp(
     return vjp_args(-v), info
 
 
+def _warn_in_graph(warn: Callable, converged: Any, residual: Any, iterations: Any,
+                   cotangents: Any) -> Any:
+    """Call ``warn(converged, residual, iterations)`` on the host, from traced code, only
+    when not ``converged``; returns ``cotangents`` unchanged in value.
+
+    The call is a ``jax.pure_callback`` in the false branch of a ``lax.cond`` whose zero
+    result is added to the cotangents (so it is not dropped as unused). Unlike
+    ``jax.debug.callback`` it gives the program no side effect, and JAX keeps dispatching
+    it by its C++ fast path: a converged call costs one comparison, not the ~0.1 ms of the
+    Python dispatch path that any effect forces (``scripts/bench_root.py --profile``).
+    """
+
+    def host(converged, residual, iterations):
+        warn(converged, residual, iterations)
+        return np.zeros(np.shape(residual), np.asarray(residual).dtype)
+
+    def call():
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(residual.shape, residual.dtype),
+                                 converged, residual, iterations, vmap_method="expand_dims")
+
+    zero = jax.lax.cond(converged, lambda: jnp.zeros_like(residual), call)
+
+    def add(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return leaf + zero.astype(jnp.result_type(leaf))
+        return leaf
+
+    return jax.tree.map(add, cotangents)
+
+
 def _zero_cotangent(leaf: Any) -> Any:
     leaf = jnp.asarray(leaf)
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -272,10 +362,21 @@ def _warn_root(solve: str, tol: float):
     def warn(converged, residual, iterations):
         if np.all(converged):
             return
-        warnings.warn(
-            f"root({solve!r}): the backward linear solve did not converge: relative "
-            f"residual {np.max(residual):.3g} > tol {tol:g} after {np.max(iterations)} "
-            "iterations; the gradient is inexact", NotConvergedWarning, stacklevel=2)
+        residual = np.max(residual)
+        message = (f"root({solve!r}): the backward linear solve did not converge: relative "
+                   f"residual {residual:.3g} > tol {tol:g} after {np.max(iterations)} "
+                   "iterations; the gradient is inexact")
+        if not residual <= 1:  # worse than v = 0, or NaN: the solve diverged
+            fix = {"cg": "cg needs J = d optimality/dx symmetric positive definite",
+                   "gmres": "J = d optimality/dx may be singular"}.get(
+                solve, "the iteration v <- v + alpha (g - J'v) needs every eigenvalue of "
+                       "alpha J in the disc |z - 1| < 1")
+            message = (f"root({solve!r}): the backward linear solve diverged (relative "
+                       f"residual {residual:.3g} after {np.max(iterations)} iterations); "
+                       f"the gradient is NaN or meaningless. {fix}; use solve='gmres' "
+                       "(hg.implicit.fixed_point uses it) for a non-symmetric or "
+                       "indefinite J, e.g. the optimality T(x) - x of a fixed point")
+        warnings.warn(message, NotConvergedWarning, stacklevel=2)
 
     return warn
 
@@ -306,6 +407,9 @@ def _warn_unless_converged(solver: str, tol: float, fallback: str | None, window
             return
         then = (f"returning the {window}-step truncated hypergradient instead"
                 if fallback else "the hypergradient is inexact (aux['converged'] is False)")
+        if not np.max(residual) <= 1 and solver in ("neumann", "fixed_point"):
+            then += (f"; {solver} diverged (it returns NaN): alpha must be below "
+                     "2 / lambda_max(H), or use solver='cg' or 'gmres', which need no alpha")
         warnings.warn(
             f"implicit({solver!r}) did not converge: relative residual "
             f"{np.max(residual):.3g} > tol {tol:g} after {np.max(iterations)} iterations; "
@@ -344,11 +448,72 @@ def conjugate_gradient(hvp: Callable, b: jax.Array, x0: jax.Array | None = None,
     return x, i, jnp.sqrt(rs)
 
 
+def gmres(matvec: Callable, b: jax.Array, *, restart: int, maxiter: int,
+          atol: Any) -> tuple[jax.Array, Any, jax.Array]:
+    """Solve ``A x = b`` for any non-singular ``A`` given as ``matvec`` by restarted GMRES
+    (Saad & Schultz 1986) in ``lax`` loops, from ``x = 0``.
+
+    Each cycle builds an orthonormal basis of the Krylov space of ``min(restart, n)``
+    products (Arnoldi, Gram-Schmidt done twice) and takes the ``x`` that minimizes
+    ``|b - A x|`` over it (a small least-squares problem); cycles repeat until the
+    residual norm is at most ``atol`` (may be traced) or at least ``maxiter`` products
+    were made (whole cycles: up to ``maxiter + restart - 1``).
+
+    Returns:
+      ``(x, iterations, residual_norm)``, ``iterations`` the products made by the cycles.
+    """
+    n = b.size
+    m = max(1, min(restart, n))
+    rows = jnp.arange(m + 1)
+
+    def cycle(x, r, beta):
+        basis = jnp.zeros((m + 1, n), b.dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
+        hess = jnp.zeros((m + 1, m), b.dtype)
+
+        def arnoldi(j, carry):
+            basis, hess = carry
+            w = matvec(basis[j])
+            mask = rows <= j
+            h = jnp.where(mask, basis @ w, 0)
+            w = w - h @ basis
+            h2 = jnp.where(mask, basis @ w, 0)  # the second pass keeps the basis orthogonal
+            w, h = w - h2 @ basis, h + h2
+            norm = jnp.linalg.norm(w)
+            # A zero norm is the lucky breakdown: the Krylov space holds the solution.
+            basis = basis.at[j + 1].set(w / jnp.where(norm > 0, norm, 1))
+            return basis, hess.at[:, j].set(h.at[j + 1].set(norm))
+
+        basis, hess = jax.lax.fori_loop(0, m, arnoldi, (basis, hess))
+        e1 = jnp.zeros(m + 1, b.dtype).at[0].set(beta)
+        y = jnp.linalg.lstsq(hess, e1)[0]
+        return x + y @ basis[:m]
+
+    def cond(s):
+        i, _, _, rnorm = s
+        return (i < maxiter) & (rnorm > atol)
+
+    def body(s):
+        i, x, r, rnorm = s
+        x = cycle(x, r, rnorm)
+        r = b - matvec(x)
+        return i + m, x, r, jnp.linalg.norm(r)
+
+    i, x, _, rnorm = jax.lax.while_loop(
+        cond, body, (0, jnp.zeros_like(b), b, jnp.linalg.norm(b)))
+    return x, i, rnorm
+
+
 def linear_solver(name: str, maxiter: int, tol: float, alpha: float | None = None, *,
-                  label: str = "solver") -> Callable:
-    """``solve(hvp, g) -> (v, iterations)`` for ``H v = g`` by ``"cg"``, ``"neumann"`` or
-    ``"fixed_point"`` (see :func:`implicit`), as a ``lax.while_loop``, stopped at
-    ``maxiter`` iterations or a relative residual of ``tol``.
+                  label: str = "solver", restart: int = 20) -> Callable:
+    """``solve(hvp, g) -> (v, iterations)`` for ``H v = g`` by ``"cg"``, ``"neumann"``,
+    ``"fixed_point"`` (see :func:`implicit`) or ``"gmres"`` (:func:`gmres` with
+    ``restart``; any non-singular ``H``), as ``lax`` loops, stopped at ``maxiter``
+    iterations (matrix-vector products) or a relative residual of ``tol``.
+
+    ``"gmres"`` keeps ``restart + 1`` vectors of ``g``'s size (``"cg"`` four).
+    ``"neumann"`` and ``"fixed_point"`` stop early when their residual grows past
+    ``1e4 |g|`` (they diverge: ``alpha`` is too large, or ``H`` has an eigenvalue of
+    negative real part) and then return ``v = NaN``, not an overflowing iterate.
 
     The ``solve`` that :func:`stationary_hypergradient` and :func:`root_vjp` take;
     ``label`` names the option in error messages.
@@ -359,20 +524,27 @@ def linear_solver(name: str, maxiter: int, tol: float, alpha: float | None = Non
         raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if name != "cg" and (alpha is None or not alpha > 0):
+    if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
+        raise ValueError(f"restart must be a positive integer, got {restart!r}")
+    if name in ("neumann", "fixed_point") and (alpha is None or not alpha > 0):
         raise ValueError(
             f"{label}={name!r} needs a step alpha > 0 below 2 / (largest Hessian "
-            f"eigenvalue), e.g. the inner learning rate; got alpha={alpha!r}"
+            f"eigenvalue), e.g. the inner learning rate; got alpha={alpha!r} "
+            f"({label}='gmres' needs no step and works for any non-singular matrix)"
         )
 
     def solve(hvp, g):
-        target = tol * jnp.linalg.norm(g)
+        gnorm = jnp.linalg.norm(g)
+        target = tol * gnorm
 
         def norm(x):
             return jnp.linalg.norm(x)
 
         if name == "cg":
             v, i, _ = conjugate_gradient(hvp, g, maxiter=maxiter, atol=target)
+            return v, i
+        if name == "gmres":
+            v, i, _ = gmres(hvp, g, restart=restart, maxiter=maxiter, atol=target)
             return v, i
 
         a = jnp.asarray(alpha, g.dtype)
@@ -388,11 +560,15 @@ def linear_solver(name: str, maxiter: int, tol: float, alpha: float | None = Non
                 v = v + a * r
                 return i + 1, v, g - hvp(v)
 
+        limit = _DIVERGED * gnorm
+
         def cond(s):
             i, _, r = s
-            return (i < maxiter) & (norm(r) > target)
+            rnorm = norm(r)
+            return (i < maxiter) & (rnorm > target) & (rnorm <= limit)  # NaN stops too
 
-        i, v, _ = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(g), g))
-        return v, i
+        i, v, r = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(g), g))
+        rnorm = norm(r)
+        return jnp.where((rnorm <= limit) | (gnorm == 0), v, jnp.nan), i
 
     return solve

@@ -89,9 +89,14 @@ def pes_steps(sigma: float, num_pairs: int, window: int,
     def step(state: PESState, task: Task, phi: Any, key: jax.Array, length: int = window):
         state, losses, points, unravel = _advance(sigma, num_pairs, state, task, phi, key,
                                                   length)
-        values = jax.vmap(
-            lambda p, params: task.validation_loss(params, task.space.constrain(unravel(p)))
-        )(points, state.inner.params)
+        if task.meta_loss == "train_mean":  # the window's own part of the meta-loss
+            values = jnp.mean(losses, axis=1)
+        else:
+            task.require_final("pes")
+            values = jax.vmap(
+                lambda p, params: task.validation_loss(params,
+                                                       task.space.constrain(unravel(p)))
+            )(points, state.inner.params)
         values, capped = _apply_cap(values, cap)
         # In phi's dtype (xi's), whatever the validation loss's, as Estimator casts its
         # gradients: the online loop calls these steps without an Estimator.
@@ -131,7 +136,9 @@ def pes(sigma: float, num_pairs: int, window: int, cap: float | None = None) -> 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``, ``value`` and ``aux`` as
       in :func:`hypergrad.estimators.es` (``smoothed_value`` is the particles' mean
-      validation loss at the end).
+      validation loss at the end). With ``task.meta_loss="train_mean"`` each window's
+      loss is its mean training loss and ``grad`` sums every window's estimate weighted
+      by its share of the steps (``stderr`` is the last window's).
     """
     _check_pes(sigma, num_pairs, window, cap)
     core = pes_steps(sigma, num_pairs, window, cap)
@@ -142,7 +149,17 @@ def pes(sigma: float, num_pairs: int, window: int, cap: float | None = None) -> 
         last = rest or window
         head = windows if rest else windows - 1  # windows before the last one
         state = core.init(task, phi, key)
-        if head:
+        trajectory = task.meta_loss == "train_mean"
+        if head and trajectory:
+            # The mean over every step is each window's mean weighted by its length: the
+            # estimate sums each window's PES estimate with that weight.
+            def body(s, k):
+                s, _, g, _ = core.step(s, task, phi, jax.random.fold_in(noise, k), window)
+                return s, g
+
+            state, grads = jax.lax.scan(body, state, jnp.arange(head))
+            early = jax.tree.map(lambda g: jnp.sum(g, axis=0) * (window / task.steps), grads)
+        elif head:
             def body(s, k):
                 return _advance(sigma, num_pairs, s, task, phi, jax.random.fold_in(noise, k),
                                 window)[0], None
@@ -150,6 +167,10 @@ def pes(sigma: float, num_pairs: int, window: int, cap: float | None = None) -> 
             state, _ = jax.lax.scan(body, state, jnp.arange(head))
         state, smoothed, grad, aux = core.step(state, task, phi,
                                                jax.random.fold_in(noise, head), last)
+        if trajectory:
+            grad = jax.tree.map(lambda g: g * (last / task.steps), grad)
+            if head:
+                grad = jax.tree.map(jnp.add, early, grad)
         value, center = objective(task, phi, key)
         return value, grad, {**center, "smoothed_value": smoothed, "stderr": aux["stderr"],
                              "pair_std": aux["pair_std"], "capped": aux["capped"]}

@@ -48,7 +48,7 @@ from jax.flatten_util import ravel_pytree
 from hypergrad.estimators.base import Estimator
 from hypergrad.inner import lookup, per_leaf, takes_key, value_and_grad
 from hypergrad.task import Task
-from hypergrad.unroll import batch_indices, step_key
+from hypergrad.unroll import order, step_key
 from hypergrad.validation import keywords
 
 SGD_NAMES = ("learning_rate", "momentum", "weight_decay")
@@ -250,7 +250,7 @@ def _problem(task: Task, hparams, data_key, unravel, template) -> _Problem:
         def batch(idx):
             return data
     else:
-        xs = (ts, batch_indices(data_key, task.num_examples, task.batch_size, steps))
+        xs = (ts, order(task, data_key))
 
         def batch(idx):
             return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
@@ -360,8 +360,12 @@ def start(task: Task, hparams, key, fp: FixedPoint):
     w0, unravel = ravel_pytree(params)
     prob = _problem(task, hparams, data_key, unravel, params)
     w, bad = _quantize(w0, fp)
-    zeros = jnp.zeros_like(w)
-    state = ExactState(w, zeros, jnp.zeros((fp.words, w.size), fp.word_dtype),
+    if task.opt_state is None:
+        v = jnp.zeros_like(w)
+    else:  # sgd's starting velocity, on the same grid as the weights
+        v, bad_v = _quantize(ravel_pytree(task.opt_state.velocity)[0].astype(w0.dtype), fp)
+        bad = bad | bad_v
+    state = ExactState(w, v, jnp.zeros((fp.words, w.size), fp.word_dtype),
                        jnp.zeros((), bool), bad)
     return prob, state, unravel, init_key
 
@@ -408,7 +412,14 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
 
     Learning-rate, momentum and weight-decay schedules and per-layer values are declared
     in the space (``positive(0.1, per="layer", schedule="per_step")``) and read step by
-    step as the other estimators read them.
+    step as the other estimators read them. A task's ``opt_state`` (sgd's starting
+    velocity) starts the exact run, on the weights' grid; its ``batches`` order the steps.
+
+    Other momentum forms map onto this one exactly. HIPS/hypergrad's ``V <- b V - (1 - b)
+    g; W <- W + a V`` (a decay ``b`` and a step ``a``) is this sgd at ``learning_rate =
+    a (1 - b)``, ``momentum = b``, with the starting velocity ``-V0 / (1 - b)``: tune
+    those (the chain rule gives the hypergradient in ``a, b``;
+    ``tests/test_task_inputs.py`` checks it against central differences of HIPS's loop).
 
     Returns:
       an estimator ``(task, phi, key) -> (value, grad, aux)``. ``value`` is the validation
@@ -438,6 +449,7 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
                  int_dtype=int_dtype)  # validate now, not at the first call
 
     def estimate(task: Task, phi: Any, key: jax.Array):
+        task.require_final("reversible")
         per_step = auto_bits_per_step(task, fp1.momentum_bits) if auto else fixed
         fp = layout(task.steps, radix_bits=radix_bits, momentum_bits=momentum_bits,
                     bits_per_step=per_step, int_dtype=int_dtype)
@@ -468,7 +480,7 @@ def reversible(radix_bits: int | None = None, momentum_bits: int | None = None,
         (dinit,) = init_vjp(dw)
         (grad,) = constrain_vjp(jax.tree.map(jnp.add, dhp, dinit))
 
-        exact = (jnp.all(s_0.w == s0.w) & jnp.all(s_0.v == 0) & jnp.all(s_0.buffer == 0))
+        exact = (jnp.all(s_0.w == s0.w) & jnp.all(s_0.v == s0.v) & jnp.all(s_0.buffer == 0))
         overflow = s_t.buffer_overflow | s_t.range_overflow
         # Never silently wrong: an overflowed buffer or a reversal that did not land back on
         # the initial state bit for bit (a gradient recomputed with different rounding)

@@ -59,6 +59,7 @@ def _online(window: int, hvp: str) -> Online:
     state the last one left (a constant)."""
 
     def init(task: Task, phi: Any, key: jax.Array):
+        task.require_final("truncated")
         return start(task, task.space.constrain(phi), key)[0]
 
     def step(carry, task: Task, phi: Any, key: jax.Array, meta_step, inner_step):
