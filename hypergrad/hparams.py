@@ -514,11 +514,22 @@ def _path(path: tuple) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
+def _tensor(path: tuple) -> tuple:
+    """A leaf's path to its tensor: without the ``.value`` a Flax NNX ``State`` (from
+    ``nnx.split``) puts after each variable, so that ``layer/kernel/value`` groups by
+    ``layer`` as ``layer/kernel`` does."""
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+        return path[:-1]
+    return path
+
+
 def _layout(name: str, c: Constraint, target: PyTree, steps: int) -> Layout:
     """Where each leaf of ``target`` takes its value from, and the schedule's length."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    flat = [(_tensor(p), x) for p, x in flat]
     paths = tuple(_path(p) for p, _ in flat)
     shapes = tuple(tuple(np.shape(x)) for _, x in flat)
     groups: tuple[str, ...] | None = None

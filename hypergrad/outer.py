@@ -415,7 +415,7 @@ NAMES = tuple(_BY_NAME)
 # it is only the first trial step: the line search sets the scale from then on.
 # gd: with hypergradients clipped to norm 0.5 (the run default), a step of 1 in log
 # units moves a hyperparameter by at most a factor e^0.5 per meta-step. adam: 0.2, chosen
-# by scripts/bench_hpo.py (docs/guide.md, "Hypergradients against black-box search"): against
+# by scripts/bench_hpo.py (docs/benchmarks/search.md): against
 # 0.05 it ended lower on all four problems on digits, and it beat gd on the seed CNN's
 # run and on MNIST (b) and (d); it was 0.05 before.
 DEFAULT_LR: dict[str, float] = {"gd": 1.0, "ncg": 1.0, "adam": 0.2}

@@ -11,8 +11,8 @@ run's key. Those strengths (the ones named in ``tune``; the others stay at their
 configured values) and the learning rate are tuned by reverse-mode hypergradients
 of the clean validation loss (Lorraine et al. 2020 learn augmentation by hypergradient,
 with a network; here it is three numbers). ``--set dropout=`` (or the other two) with a
-value sets the start; ``--set tune=shift`` tunes the translation alone. README's "Learning
-augmentation strength" has the numbers measured with it.
+value sets the start; ``--set tune=shift`` tunes the translation alone. docs/gallery/augment.md
+has the numbers measured with it.
 """
 
 from __future__ import annotations

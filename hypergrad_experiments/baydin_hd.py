@@ -30,7 +30,7 @@ norm, which depends on the data, so the same beta need not move alpha as fast.
 ``baydin-mnist`` is the same grid on real MNIST (5000 training images, 784 inputs, 2000
 iterations; ``--set data=idx:DIR`` for MNIST-format files). Measured there (seed 0), at
 alpha_0 = beta = 1e-3, logistic regression to loss 0.3: SGD not reached / SGD-HD 1480,
-SGDN not reached / SGDN-HD 150, Adam 650 / Adam-HD 60 (docs/guide.md, "On real MNIST").
+SGDN not reached / SGDN-HD 150, Adam 650 / Adam-HD 60 (docs/gallery/baydin_hd.md, "On real MNIST").
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ grow by orders of magnitude, then turn NaN where training diverges (Metz et al. 
    scratch at the final and the best point.
 
 Writes ``results.json`` and ``chaos.png`` (the slice with the four derivatives; the
-tuning curves). The numbers measured with the defaults are in README's gallery.
+tuning curves). The numbers measured with the defaults are in docs/gallery/chaos.md.
 """
 
 from __future__ import annotations

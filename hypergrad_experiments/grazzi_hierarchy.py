@@ -15,7 +15,7 @@ hypergradient against a tightly converged conjugate-gradient reference, and its 
 
 Writes ``results.json`` (every error and time) and ``hierarchy.png``. Grazzi et al. found
 conjugate gradient < fixed point <= iterative differentiation in error at equal t; the
-numbers we measured are in README.
+numbers we measured are in docs/gallery/grazzi_hierarchy.md.
 
 ``grazzi-mnist`` is the same on real MNIST with one penalty per pixel (784
 hyperparameters; ``features=784``), 2000 training images and 1000 inner steps; at t = 100

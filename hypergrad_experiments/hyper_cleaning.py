@@ -45,7 +45,7 @@ steps), so the implicit hypergradient is approximate; its CG solve converged.
 ``hyper-cleaning-mnist`` is the papers' size on real MNIST: 5000 training images (2500
 corrupted), 2000 validation, 3000 test, 100 inner steps, 50 meta-steps. Measured (seed 0):
 no cleaning 84.2%, oracle 88.4%, reverse 88.3% (F1 0.937), truncated K=1 87.7%, implicit
-88.5% (docs/guide.md, "On real MNIST").
+88.5% (docs/gallery/hyper_cleaning.md, "On real MNIST").
 """
 
 from __future__ import annotations

@@ -25,16 +25,17 @@ edge of stability on 1000 examples) and the last iterate ends at 1.60 (test 43.6
 halving the Adam step or training on the full batch only delays this. Maclaurin's Fig. 2
 (MNIST, 10000 examples, batch 250, reversible learning) shows smooth schedules that
 start low and rise; ours are noisy per step and rise over the run, and the chaotic tail
-is ours (see README). ``--set estimator=reversible`` tunes with Maclaurin's exact
-reversible learning instead of reverse mode (the same hypergradient, without storing the
-trajectory).
+is ours (see docs/gallery/maclaurin_schedules.md). ``--set estimator=reversible`` tunes
+with Maclaurin's exact reversible learning instead of reverse mode (the same
+hypergradient, without storing the trajectory).
 
 ``maclaurin-mnist`` is the paper's own setup on real MNIST: the MLP 784-50-50-50-10 (800
 schedule hyperparameters), 5000 training images, tuned with ``estimator=reversible`` in
 float64, and ``compare=none,step,nested`` sets reverse mode's hypergradient at the start
 beside it. Measured (seed 0, 58 s): best schedules validation 0.277 / test 91.2% against
 the best constant rate's 0.308 / 89.7%; working memory 9.0 MiB reversible against 162 MiB
-(``none``), 75 MiB (``step``), 17 MiB (``nested``) (docs/guide.md, "On real MNIST").
+(``none``), 75 MiB (``step``), 17 MiB (``nested``) (docs/gallery/maclaurin_schedules.md,
+"On real MNIST").
 """
 
 from __future__ import annotations

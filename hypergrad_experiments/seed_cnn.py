@@ -30,7 +30,7 @@ reverse-mode hypergradients (checkpointed every 10 steps: one meta-step is about
 its last point by training again and testing on the held-out images.
 
 Writes ``results.json`` and ``methods.png`` (validation loss per meta-step and the
-learning rate's trajectory per method); the numbers measured are in README.
+learning rate's trajectory per method); the numbers measured are in docs/gallery/seed_cnn.md.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ BLACK_BOX = ("random", "tpe", "grid", "optuna-hyperband")
 SHORT_LR, LONG_LR = 0.05, 0.2
 #: ``hypergrad-explore``: ``explore=EXPLORE`` random configurations pick the start, then
 #: Adam with step ``EXPLORE_LR`` (in log / logit units) refines it; chosen by measurement
-#: on (a) and (b) (docs/guide.md, "Hypergradients against black-box search").
+#: on (a) and (b) (docs/benchmarks/search.md).
 EXPLORE, EXPLORE_LR = 20, 0.2
 #: ``optuna-hyperband``: the chunks a trial trains in, a validation loss after each.
 RUNGS = 4

@@ -1,4 +1,4 @@
-"""Write the notebooks under ``notebooks/`` from the cells below, executed so that their
+"""Write the notebooks under ``docs/notebooks/`` from the cells below, executed so that their
 outputs (text and figures) read on GitHub.
 
 Run:  python scripts/make_notebooks.py              (about 2 minutes on 2 CPU cores)
@@ -286,7 +286,7 @@ def main() -> None:
     import sys
 
     execute = "--no-execute" not in sys.argv[1:]
-    root = Path(__file__).resolve().parent.parent / "notebooks"
+    root = Path(__file__).resolve().parent.parent / "docs" / "notebooks"
     root.mkdir(exist_ok=True)
     write(root / "quickstart.ipynb", QUICKSTART, execute)
     write(root / "custom_hyperparameter.ipynb", CUSTOM, execute)

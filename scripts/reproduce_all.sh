@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the figures shown in README.md (small PNGs under docs/figures/).
+# Regenerate the docs' figures (small PNGs under docs/figures/, shown in docs/gallery/ and docs/benchmarks/).
 #   bash scripts/reproduce_all.sh          (about 13 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

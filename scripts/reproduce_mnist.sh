@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gallery on real MNIST: each *-mnist experiment once, its figure into docs/figures/.
-#   bash scripts/reproduce_mnist.sh            (the full runs; times in README)
+#   bash scripts/reproduce_mnist.sh            (the full runs; times in docs/gallery/index.md)
 #   QUICK=1 bash scripts/reproduce_mnist.sh    (a smoke run of each, tiny sizes, a few
 #                                               minutes; writes no figures to docs/)
 # The data: MNIST=DIR (default ../shared/data/mnist-10k) holding MNIST-format IDX files

@@ -12,6 +12,10 @@ from tests.problems import assert_one_line_error
 
 TINY = ["--set", "steps=4", "--set", "meta_steps=2", "--set", "batch_size=20",
         "--set", "channels=4,4,4"]
+# The tests about what a run writes, not about how it searches, run one local run (the
+# default strategy's search is tested in test_strategies.py, test_run.py, test_resume.py
+# and by test_run_writes_everything here).
+LOCAL = [*TINY, "--set", "strategy=local"]
 
 
 def test_run_writes_everything(tmp_path, capsys):
@@ -86,7 +90,7 @@ def test_granular_hyperparameters_and_every_kind_from_the_command_line(tmp_path)
             "hparams.weight_decay.per=parameter", "hparams.leaky_slope.per=layer",
             "optimizer=adam", "loss_mix=0.5", "label_smoothing=0.05", "init_scale=1",
             "save_every=1"]
-    argv = ["run", *TINY, *[a for kv in sets for a in ("--set", kv)]]
+    argv = ["run", *LOCAL, *[a for kv in sets for a in ("--set", kv)]]
     assert main([*argv, "--workdir", str(workdir), "--quiet"]) == 0
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     hparams = lines[-1]["hparams"]
@@ -189,7 +193,7 @@ def test_bad_config_is_one_line_and_status_2(sets, message, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "done"
-    assert main(["run", *TINY, "--workdir", str(workdir), "--quiet"]) == 0
+    assert main(["run", *LOCAL, "--workdir", str(workdir), "--quiet"]) == 0
     return workdir
 
 
@@ -266,7 +270,7 @@ def test_plot_redraws_one_run_and_overlays_several(tmp_path, capsys):
     runs = []
     for outer in ("gd", "adam"):
         workdir = tmp_path / outer
-        assert main(["run", *TINY, "--set", f"outer={outer}", "--workdir", str(workdir),
+        assert main(["run", *LOCAL, "--set", f"outer={outer}", "--workdir", str(workdir),
                      "--quiet"]) == 0
         runs.append(str(workdir))
     capsys.readouterr()

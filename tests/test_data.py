@@ -387,7 +387,7 @@ def test_data_errors_through_the_cli(tmp_path, arrays, capsys):
 
 TINY = ["--set", "steps=3", "--set", "meta_steps=2", "--set", "batch_size=10",
         "--set", "channels=2,2,2", "--set", "data.train_size=40", "--set", "data.val_size=20",
-        "--quiet"]
+        "--set", "strategy=local", "--quiet"]  # the data, not the search, is under test
 
 
 def test_seed_cnn_runs_on_idx_files_and_resumes(tmp_path, arrays, capsys):

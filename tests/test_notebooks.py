@@ -1,4 +1,7 @@
-"""Every notebook under notebooks/ runs from a clean kernel without an error."""
+"""Every notebook under docs/notebooks/ runs from a clean kernel without an error.
+
+The documentation build (``sphinx-build``, myst-nb) executes them too and shows their outputs.
+"""
 
 import os
 from pathlib import Path
@@ -8,7 +11,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "docs" / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():

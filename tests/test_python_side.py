@@ -143,3 +143,20 @@ def test_per_layer_values_come_back_labelled_by_layer(tmp_path):
                                    rtol=1e-15)
     with pytest.raises(KeyError, match="'momentum' has no groups"):
         history.by_group("momentum")
+
+
+def test_per_layer_groups_a_flax_nnx_state_by_layer():
+    """``nnx.split``'s leaves end in ``.value``: a layer is still the module, not the
+    tensor."""
+    from flax import nnx
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden, self.out = nnx.Linear(3, 2, rngs=rngs), nnx.Linear(2, 1, rngs=rngs)
+
+    _, state = nnx.split(Two(nnx.Rngs(0)))
+    space = hg.HyperSpace({"lr": hg.positive(0.1, per="layer"),
+                           "wd": hg.positive(0.1, per="tensor")}).resolve(state, 3)
+    assert space.constraints["lr"].layout.groups == ("hidden", "out")
+    assert space.constraints["wd"].layout.groups == ("hidden/bias", "hidden/kernel",
+                                                     "out/bias", "out/kernel")

@@ -79,7 +79,7 @@ _RESTART_SPREAD = 0.5
 LATE = 0.75
 #: Without a budget, the search's share of the run is counted in trainings: a meta-step
 #: counts as this many (the seed CNN's reverse-mode hypergradient took 4.45 trainings'
-#: time on a 2-core CPU: docs/guide.md, ``scripts/bench_unroll.py``).
+#: time on a 2-core CPU: docs/benchmarks/memory.md, ``scripts/bench_unroll.py``).
 STEP_TRAININGS = 4
 #: Each round of sharing time with the black-box search, the gains and seconds so far
 #: are multiplied by this: the recent rounds count most.

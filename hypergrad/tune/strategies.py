@@ -22,7 +22,7 @@ new object, not a branch in the loop.
   a worse basin); smoothing where the objective is chaotic. A stochastic task (a train
   loss that takes a ``key``) has its best candidates re-scored on fresh keys.
 
-Chosen by ``scripts/bench_hpo.py`` (docs/guide.md, "Hypergradients against black-box search"):
+Chosen by ``scripts/bench_hpo.py`` (docs/benchmarks/search.md):
 starting the refinement at the explored best lost to the given start on (d) (0.19 against
 0.13: the search's one-value-per-name reduction of 14 220 hyperparameters misleads), and
 restarting a member whenever the search found better threw Adam's state away each time.
