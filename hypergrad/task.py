@@ -142,6 +142,7 @@ class Task:
         if self.opt_state is not None:
             _check_opt_state(self)
         object.__setattr__(self, "meta_loss", _check_meta_loss(self.meta_loss, self.steps))
+        _check_reads(self)
 
     def require_final(self, estimator: str) -> None:
         """Refuse a ``meta_loss`` other than ``"final"`` for an estimator that
@@ -150,7 +151,6 @@ class Task:
             raise ValueError(f"{estimator} differentiates the validation loss after the last "
                              f"step only, and this task's meta_loss is {self.meta_loss!r}; "
                              "use reverse(), forward() or es() (pes() for 'train_mean')")
-        _check_reads(self)
 
     def _param_shapes(self) -> PyTree:
         if not callable(self.params):

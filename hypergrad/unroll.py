@@ -42,9 +42,9 @@ def auto_policy(backend: str | None = None) -> str | None:
     less memory (issue 20; ``scripts/bench_unroll.py --checkpoint
     none step``, T = 200, batch 100, float32, 2-core CPU, plain reverse mode: seed CNN
     2.09 s against 2.48 s, the 2-conv CNN with 16 and 32 channels 1.94 s against 2.24 s,
-    the MLP at T = 10 000 2.82 s against 3.27 s; docs/benchmarks/speed.md, "The default checkpoint policy,
-    measured", also has ``hvp="forward"``, faster still on the CNNs but not the default
-    since it refuses some tasks). Elsewhere ``None`` (store every step):
+    the MLP at T = 10 000 2.82 s against 3.27 s; docs/benchmarks/speed.md, "The default
+    checkpoint policy, measured", also has ``hvp="forward"``, faster still on the CNNs but
+    not the default since it refuses some tasks). Elsewhere ``None`` (store every step):
     on the GPU only storing everything and every-10 have been timed (equal at T = 200 on
     one H200), so the GPU keeps the policy it was measured with until
     ``scripts/gpu_check.sh`` times ``step`` there.

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from hypergrad.cli import main
 
 # The slice's learning rates are 0.05, 1.58 and 50; ten steps diverge at the last two.
@@ -11,6 +13,7 @@ TINY = ["steps=10", "window=3", "points=3", "num_pairs=2", "meta_steps=2",
         "slice_low=0.05", "slice_high=50"]
 
 
+@pytest.mark.slow
 def test_chaos_tiny(tmp_path, capsys):
     workdir = tmp_path / "c"
     args = ["run", "chaos", "--workdir", str(workdir), "--quiet"]

@@ -30,6 +30,7 @@ def test_mnist_experiments_default_to_mnist():
     assert get_experiment("grazzi-mnist").config.space().init()["l2"].shape == (784,)
 
 
+@pytest.mark.slow
 def test_seed_mnist_tiny_on_digits(tmp_path):
     workdir = tmp_path / "s"
     assert main(["run", "seed-mnist", "--set", "data=digits", "--set", "data.train_size=200",

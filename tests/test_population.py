@@ -183,6 +183,7 @@ def _python(*args, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_sharded_across_four_devices():
     """tests/multidevice_population.py: population == separate runs, sharded ==
     unsharded, one compile per configuration, on four forced CPU devices."""
@@ -192,6 +193,7 @@ def test_sharded_across_four_devices():
     assert "4 passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_distributed_smoke_script(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))

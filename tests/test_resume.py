@@ -58,6 +58,7 @@ def wait_for_lines(path, n, proc, timeout=120):
     raise AssertionError("run too slow")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = tmp_path / "ref"
     status, err = cli_status("run", *TINY, "--workdir", str(ref), "--quiet", cwd=tmp_path)
