@@ -160,3 +160,26 @@ def test_per_layer_groups_a_flax_nnx_state_by_layer():
     assert space.constraints["lr"].layout.groups == ("hidden", "out")
     assert space.constraints["wd"].layout.groups == ("hidden/bias", "hidden/kernel",
                                                      "out/bias", "out/kernel")
+
+
+def test_a_run_resumed_from_its_state_joins_into_one_history_over_the_whole_run(tmp_path):
+    task, key = two_layer_task(), jax.random.key(0)
+    est, tune = hg.estimators.reverse(), hg.tune
+    whole = tune(task, est, "adam", meta_steps=5, key=key)
+    first = tune(task, est, "adam", meta_steps=3, key=key)
+    later = tune(task, est, "adam", meta_steps=5, key=key, state=first.state)
+    assert len(later) == 2  # alone, the resumed run covers its own meta-steps only
+    joined = first.then(later)
+    assert len(joined) == len(whole) == 5
+    assert [r["meta_step"] for r in joined.records] == list(range(5))
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                             for r in records]
+    assert strip(joined.records) == strip(whole.records)
+    np.testing.assert_array_equal(joined.val_loss, whole.val_loss)
+    np.testing.assert_array_equal(joined.hparams["learning_rate"],
+                                  whole.hparams["learning_rate"])
+    assert joined.best.val_loss == whole.best.val_loss
+    assert joined.final.val_loss == whole.final.val_loss
+    assert joined.start.val_loss == whole.start.val_loss
+    assert np.all(np.diff(joined.clock) >= 0)
+    assert hg.History.load(joined.save(tmp_path / "h.json")) == joined

@@ -118,6 +118,55 @@ class History:
         array = np.asarray(self.hparams[name] if value is None else value)
         return {g: array[..., i] for i, g in enumerate(self.groups[name])}
 
+    def then(self, later: History) -> History:
+        """This run followed by ``later``, the run that went on from it
+        (``tune(..., state=history.state)``): one History over every meta-step.
+
+        Per-step arrays and records are joined (``later``'s clock counted from the end of
+        this run's), ``best``/``bests`` are the better of the two, and ``final``,
+        ``finals``, ``state`` and how the run ended are ``later``'s; ``start`` and
+        ``explored`` are this run's, ``diagnosis`` both runs' in order.
+        """
+        if later.population != self.population:
+            raise ValueError(f"later has population {later.population}, this run "
+                             f"{self.population}: it did not go on from this run")
+        if not len(self):
+            return later
+
+        def join(a: Any, b: Any) -> Any:
+            if a is None or b is None or (isinstance(a, dict) and not a) or \
+                    (isinstance(b, dict) and not b):
+                return b if a is None or (isinstance(a, dict) and not a) else a
+            return jax.tree.map(lambda x, y: np.concatenate([np.asarray(x), np.asarray(y)]),
+                                a, b)
+
+        def better(a: Point | None, b: Point | None) -> Point | None:
+            if a is None or b is None:
+                return a if b is None else b
+            return b if b.val_loss <= a.val_loss else a
+
+        offset = float(self.clock[-1]) if self.clock is not None and len(self.clock) else 0.0
+        clock = None if self.clock is None or later.clock is None else \
+            np.concatenate([self.clock, later.clock + offset])
+        best = better(self.best, later.best)
+        assert best is not None
+        return dataclasses.replace(
+            later, val_loss=join(self.val_loss, later.val_loss),
+            train_loss=join(self.train_loss, later.train_loss),
+            hypergrad_norm=join(self.hypergrad_norm, later.hypergrad_norm),
+            accepted=join(self.accepted, later.accepted),
+            point_ok=join(self.point_ok, later.point_ok), scale=join(self.scale, later.scale),
+            seconds=join(self.seconds, later.seconds), clock=clock,
+            hparams=join(self.hparams, later.hparams),
+            hypergrad=join(self.hypergrad, later.hypergrad),
+            line_search=join(self.line_search, later.line_search),
+            phis=join(self.phis, later.phis), records=self.records + later.records,
+            best=best, bests=[better(a, b) for a, b in zip(self.bests, later.bests,
+                                                           strict=True)],
+            start=self.start, explored=self.explored,
+            diagnosis=self.diagnosis + later.diagnosis,
+            groups=later.groups or self.groups)
+
     def __len__(self) -> int:
         return len(self.records)
 
