@@ -253,8 +253,13 @@ def train(
     return resume(task, hparams, state, data_key, 0, checkpoint=checkpoint, hvp=hvp)
 
 
-def _outcome(task: Task, hparams: Any, state: InnerState, losses: jax.Array):
-    if task.meta_loss == "train_mean":
+def _outcome(task: Task, hparams: Any, state: InnerState, losses: jax.Array,
+             along: list[jax.Array] | None = None):
+    """``(meta_loss, aux)`` of a finished run; ``along`` holds the validation losses after
+    the steps a tuple ``task.meta_loss`` counts."""
+    if along is not None:
+        value = jnp.mean(jnp.stack(along))
+    elif task.meta_loss == "train_mean":
         value = jnp.mean(losses)
     else:
         value = task.validation_loss(state.params, hparams, state=state.model_state)
@@ -287,20 +292,17 @@ def _along(task: Task, hparams: Any, key: jax.Array, *, checkpoint: Any,
     """The validation loss averaged over the weights after the steps ``task.meta_loss``
     counts: the run cut into segments that end there (one compiled scan each)."""
     state, data_key = start(task, hparams, key)
-    begin, values, parts = 0, list[jax.Array](), list[jax.Array]()
-    for end in (*task.meta_loss, task.steps):
+    begin, along, parts = 0, list[jax.Array](), list[jax.Array]()
+    for end in task.meta_loss:
         state, losses = resume(task, hparams, state, data_key, begin, end,
                                checkpoint=checkpoint, hvp=hvp)
         parts.append(losses)
-        if len(values) < len(task.meta_loss):
-            values.append(task.mean_val_loss(state.params, task.space.at_step(hparams, end - 1),
-                                             state.model_state))
+        along.append(task.mean_val_loss(state.params, task.space.at_step(hparams, end - 1),
+                                        state.model_state))
         begin = end
-    losses = jnp.concatenate(parts)
-    aux = {"train_loss": losses[-1], "train_losses": losses, "params": state.params}
-    if state.model_state is not None:
-        aux["model_state"] = state.model_state
-    return jnp.mean(jnp.stack(values)), aux
+    state, losses = resume(task, hparams, state, data_key, begin, checkpoint=checkpoint,
+                           hvp=hvp)  # the steps after the last counted one
+    return _outcome(task, hparams, state, jnp.concatenate([*parts, losses]), along)
 
 
 def truncated_unroll(
