@@ -8,10 +8,12 @@ from hypergrad import (
     hparams,
     implicit,
     inner,
+    meta,
     models,
     online,
     outer,
     search,
+    tasks,
     unroll,
 )
 from hypergrad.check import check_hypergrad, directional_errors
@@ -61,6 +63,7 @@ __all__ = [
     "hparams",
     "implicit",
     "inner",
+    "meta",
     "models",
     "online",
     "outer",
@@ -68,6 +71,7 @@ __all__ = [
     "real",
     "score",
     "search",
+    "tasks",
     "tune",
     "unit",
     "unroll",

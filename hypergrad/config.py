@@ -102,7 +102,9 @@ class Config:
         runs that keep their weights (``sigma``, ``num_pairs``, ``cap``).
       resample: train meta-step t with ``fold_in(key(seed), t)``: fresh minibatches and
         noise each meta-step (for dropout and augmentation strengths: their expected
-        effect, not one draw's); see :func:`hypergrad.tune`.
+        effect, not one draw's); see :func:`hypergrad.tune`. ``none`` (default): on for
+        a task with a distribution of tasks (meta-learning: fresh tasks each meta-step),
+        off otherwise.
       explore: before tuning, train this many configurations drawn at random from
         :func:`hypergrad.search.box` and start from the best of them and the configured
         values (0: start at the configured values); a single run (``population=1``).
@@ -165,7 +167,7 @@ class Config:
     num_pairs: int = 16
     cap: float | None = None
     online: bool = False
-    resample: bool = False
+    resample: bool | None = None
     explore: int = 0
     budget: float | None = None
     strategy: str = "default"

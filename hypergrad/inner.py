@@ -406,14 +406,14 @@ def from_optax(factory: Callable[..., Any], **values: Any) -> InnerOptimizer:
 _TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
                   jax.errors.TracerArrayConversionError)
 
-HVP_MODES = ("reverse", "forward")
+HVP_MODES = ("reverse", "forward", "none")
 SymbolicZero = jax.custom_derivatives.SymbolicZero
 
 
 def check_hvp(hvp: Any) -> str:
     """``hvp`` if it is one of :data:`HVP_MODES`, else a ``ValueError``."""
     if hvp not in HVP_MODES:
-        raise ValueError(f"hvp must be 'forward' or 'reverse', got {hvp!r}")
+        raise ValueError(f"hvp must be 'reverse', 'forward' or 'none', got {hvp!r}")
     return hvp
 
 
@@ -473,9 +473,22 @@ def value_and_grad(
     one chunk's activations instead of the whole batch's, for some time. ``train_loss``
     must then be a mean over the batch's examples plus terms that do not depend on the
     batch (every built-in task's is). Plain autodiff (``hvp="reverse"``) ignores it.
+
+    - ``"none"``: the first-order approximation: the gradient's value, but reverse mode
+      treats it as a constant (``stop_gradient``): no second derivatives at all, so an
+      unroll's hypergradient keeps only what flows through the optimizer's update and
+      the initial weights (first-order MAML, :func:`hypergrad.estimators.first_order`).
     """
     if check_hvp(hvp) == "reverse":
         return jax.value_and_grad(train_loss)
+    if hvp == "none":
+        plain = jax.value_and_grad(train_loss)
+
+        def first_order(params, hparams, batch):
+            loss, grads = plain(params, hparams, batch)
+            return loss, jax.lax.stop_gradient(grads)
+
+        return first_order
 
     @jax.custom_vjp
     def vg(params, hparams, batch):
@@ -578,6 +591,8 @@ def train_step(
             lambda p: f(p, hparams, batch, key, state.model_state), has_aux=True)(state.params)
         model_state = jax.tree.map(lambda new, old: new.astype(old.dtype), model_state,
                                    state.model_state)
+        if hvp == "none":
+            grads = jax.lax.stop_gradient(grads)
     else:
         if hvp == "forward" and hvp_batch_size is not None:
             raise ValueError("hvp_batch_size with a train_loss that takes a key: a chunk "

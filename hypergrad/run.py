@@ -95,8 +95,12 @@ def _scorer(problem: Problem, estimator: Any, online: bool, mesh, size: int):
                 **problem.evaluate(params, last)}
 
     def trained(task, phi, key):
-        _, aux = objective(task, phi, key)
-        return scores(task, aux["params"], task.space.constrain(phi), aux.get("model_state"))
+        value, aux = objective(task, phi, key)
+        hparams = task.space.constrain(phi)
+        if task.tasks is not None:  # the meta-loss over drawn tasks; weights per task
+            return {"val_loss": value, **problem.evaluate(
+                aux["params"], task.space.at_step(hparams, task.steps - 1))}
+        return scores(task, aux["params"], hparams, aux.get("model_state"))
 
     def weights(task, phi, carry, key):
         # Online PES trains 2N particles: their scores' mean (one run for truncated).

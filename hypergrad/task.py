@@ -20,6 +20,7 @@ import numpy as np
 from hypergrad.hparams import HyperSpace
 from hypergrad.inner import InnerOptimizer, batch_mean, step_loss, takes_key
 from hypergrad.messages import show
+from hypergrad.tasks import Tasks
 from hypergrad.validation import keywords
 
 PyTree = Any
@@ -80,13 +81,19 @@ class Task:
         averaged over the weights after ``t1, t2, ...`` steps. The reverse, forward and
         ES estimators take all three, PES ``"final"`` and ``"train_mean"``; the
         truncated, implicit and reversible estimators only ``"final"``.
+      tasks: a distribution of tasks (:class:`hypergrad.tasks.Tasks`): each estimate
+        draws ``tasks.batch`` tasks' ``(train_data, val_data)`` from its key, trains on
+        each (one ``vmap``) and averages the meta-loss over them, MAML's objective
+        (:mod:`hypergrad.meta`). ``train_data`` and ``val_data`` are then left out: they
+        hold one drawn task, the example the checks read. ``None``: one task, the data
+        given.
     """
 
     params: PyTree | Callable[[jax.Array, Any], PyTree]
     train_loss: Callable[..., Any]
     val_loss: Callable[..., jax.Array]
-    train_data: PyTree
-    val_data: PyTree
+    train_data: PyTree = dataclasses.field(default=None, kw_only=True)
+    val_data: PyTree = dataclasses.field(default=None, kw_only=True)
     space: HyperSpace
     optimizer: InnerOptimizer
     steps: int
@@ -97,6 +104,7 @@ class Task:
     batches: Any = None
     opt_state: PyTree = None
     meta_loss: Any = "final"
+    tasks: Tasks | None = None
 
     def __post_init__(self):
         if not isinstance(self.optimizer, InnerOptimizer):
@@ -113,7 +121,13 @@ class Task:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.space, HyperSpace):
             raise TypeError(f"space must be a HyperSpace, got {type(self.space).__name__}")
+        if self.tasks is not None:
+            _draw_example(self)
         for name, data in (("train_data", self.train_data), ("val_data", self.val_data)):
+            if data is None:
+                raise ValueError(f"{name} is missing: give the data (a pytree of arrays with "
+                                 "a leading example axis), or tasks= for a distribution of "
+                                 "tasks")
             sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
                      for leaf in jax.tree.leaves(data)}
             if not sizes:
@@ -205,12 +219,38 @@ class Task:
         return batch_mean(lambda chunk: self.val_loss(params, hp, chunk, state=state),
                           self.val_data, self.val_batch_size)
 
+    def one(self, train_data: PyTree, val_data: PyTree) -> Task:
+        """One task of the distribution: a copy with these data and no ``tasks`` (not
+        validated again: it runs under ``vmap``, on a task drawn like the example the
+        constructor checked)."""
+        children, static = _flatten(self)
+        arrays, _, _, state, batches, opt_state, _ = children
+        return _unflatten(static, (arrays, train_data, val_data, state, batches, opt_state,
+                                   None))
+
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields replaced (validated again)."""
+        if changes.get("tasks", self.tasks) is not None:  # the data come from the tasks
+            changes.setdefault("train_data", None)
+            changes.setdefault("val_data", None)
         return dataclasses.replace(self, **changes)
 
 
 Task.__init__ = keywords(Task.__init__, "Task")  # type: ignore[method-assign]
+
+
+def _draw_example(task: Task) -> None:
+    """With ``tasks``, fill ``train_data`` and ``val_data`` with one drawn task (the
+    example every later check reads), or refuse data given beside ``tasks``."""
+    if not isinstance(task.tasks, Tasks):
+        raise TypeError(f"tasks must be an hg.tasks.Tasks (hg.tasks.Tasks(sample, batch) "
+                        f"or hg.tasks.stacked(...)), got {type(task.tasks).__name__}")
+    if task.train_data is not None or task.val_data is not None:
+        raise ValueError("with tasks=, each task's data come from tasks.sample; leave "
+                         "train_data and val_data out")
+    train, val = task.tasks.draw(jax.random.key(0))
+    object.__setattr__(task, "train_data", train)
+    object.__setattr__(task, "val_data", val)
 
 
 def _check_batches(batches: Any, steps: int, n: int, batch_size: int | None) -> jax.Array:
@@ -345,7 +385,7 @@ def _flatten(task: Task):
               task.steps, task.batch_size, task.val_batch_size, task.hvp_batch_size,
               task.meta_loss)
     children = (arrays, task.train_data, task.val_data, task.state, task.batches,
-                task.opt_state)
+                task.opt_state, task.tasks)
     return children, static
 
 
@@ -354,12 +394,12 @@ def _unflatten(static, children) -> Task:
     task = object.__new__(Task)
     (fn, train_loss, val_loss, space, optimizer, steps, batch_size, val_batch_size,
      hvp_batch_size, meta_loss) = static
-    arrays, train_data, val_data, state, batches, opt_state = children
+    arrays, train_data, val_data, state, batches, opt_state, tasks = children
     values = dict(params=fn if fn is not None else arrays, train_loss=train_loss,
                   val_loss=val_loss, train_data=train_data, val_data=val_data, space=space,
                   optimizer=optimizer, steps=steps, batch_size=batch_size,
                   val_batch_size=val_batch_size, hvp_batch_size=hvp_batch_size, state=state,
-                  batches=batches, opt_state=opt_state, meta_loss=meta_loss)
+                  batches=batches, opt_state=opt_state, meta_loss=meta_loss, tasks=tasks)
     for name, value in values.items():
         object.__setattr__(task, name, value)
     return task

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hypergrad import tasks as tasks_lib
 from hypergrad.inner import InnerState, check_hvp, takes_key, train_step
 from hypergrad.task import Task
 
@@ -278,8 +279,13 @@ def objective(
     Returns:
       ``(val_loss, aux)`` where ``aux`` holds ``train_loss`` (the last step's batch loss),
       ``train_losses`` (every step's), ``params`` (the trained weights) and, for a task
-      with model state, ``model_state`` (the state the validation loss used).
+      with model state, ``model_state`` (the state the validation loss used). For a
+      task with ``tasks``, the mean over the tasks drawn from ``key``
+      (:func:`hypergrad.tasks.mean`; ``params`` per task).
     """
+    if task.tasks is not None:  # the mean over a batch of drawn tasks
+        return tasks_lib.mean(lambda t, p, k: objective(t, p, k, checkpoint=checkpoint, hvp=hvp),
+                              task, phi, key)
     hparams = task.space.constrain(phi)
     if isinstance(task.meta_loss, tuple):
         return _along(task, hparams, key, checkpoint=checkpoint, hvp=hvp)

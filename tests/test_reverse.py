@@ -294,7 +294,7 @@ def test_forward_over_reverse_hvp_refuses_differentiated_training_data():
     assert np.all(np.isfinite(jax.grad(f)(task.train_data[0], "reverse")))
     with pytest.raises(ValueError, match="hvp='forward' does not differentiate the training"):
         jax.grad(f)(task.train_data[0], "forward")
-    with pytest.raises(ValueError, match="hvp must be 'forward' or 'reverse'"):
+    with pytest.raises(ValueError, match="hvp must be 'reverse', 'forward' or 'none'"):
         hg.estimators.reverse(hvp="both")
 
 

@@ -2,6 +2,7 @@
 
 from hypergrad.estimators.base import Estimator, Online
 from hypergrad.estimators.es import es
+from hypergrad.estimators.first_order import first_order
 from hypergrad.estimators.forward import forward
 from hypergrad.estimators.implicit import NotConvergedWarning, implicit
 from hypergrad.estimators.names import NAMES, by_name
@@ -11,5 +12,5 @@ from hypergrad.estimators.reversible import reversible
 from hypergrad.estimators.truncated import truncated
 
 __all__ = ["NAMES", "Estimator", "NotConvergedWarning", "Online", "PESState", "PESSteps", "by_name",
-           "es", "forward", "implicit", "pes", "pes_steps", "reverse", "reversible",
+           "es", "first_order", "forward", "implicit", "pes", "pes_steps", "reverse", "reversible",
            "truncated"]

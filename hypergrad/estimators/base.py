@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hypergrad import tasks as tasks_lib
+
 
 class Online(NamedTuple):
     """How an estimator tunes while training (``hg.tune(..., online=True)``): one run of
@@ -44,7 +46,9 @@ class Estimator:
     estimator casts it, so a float64 loss cannot promote a float32 ``phi``'s gradient and,
     through it, the outer optimizer's state) and ``aux`` a dict of diagnostics. ``name``
     and ``options`` describe the method for logs and configs; ``online``, where the
-    method can tune while training, says how (:class:`Online`).
+    method can tune while training, says how (:class:`Online`). For a task with a
+    distribution of tasks (``task.tasks``) the call draws them and averages ``fn`` over
+    them (:func:`hypergrad.tasks.mean`), so ``fn`` always sees one task.
     """
 
     fn: Callable[..., tuple[Any, Any, dict[str, Any]]]
@@ -53,6 +57,9 @@ class Estimator:
     online: Online | None = None
 
     def __call__(self, task, phi, key):
-        value, grad, aux = self.fn(task, phi, key)
+        if task.tasks is not None:  # each drawn task estimated alone, then averaged
+            value, grad, aux = tasks_lib.mean(self.fn, task, phi, key)
+        else:
+            value, grad, aux = self.fn(task, phi, key)
         grad = jax.tree.map(lambda g, p: jnp.asarray(g, jnp.result_type(p)), grad, phi)
         return value, grad, aux

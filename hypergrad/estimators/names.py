@@ -8,6 +8,7 @@ from typing import Any
 
 from hypergrad.estimators.base import Estimator
 from hypergrad.estimators.es import es
+from hypergrad.estimators.first_order import first_order
 from hypergrad.estimators.forward import forward
 from hypergrad.estimators.implicit import implicit
 from hypergrad.estimators.pes import pes
@@ -18,7 +19,8 @@ from hypergrad.estimators.truncated import truncated
 #: Every estimator a config can name, with its factory.
 FACTORIES: dict[str, Callable[..., Estimator]] = {
     "reverse": reverse, "truncated": truncated, "forward": forward,
-    "implicit": implicit, "reversible": reversible, "es": es, "pes": pes}
+    "implicit": implicit, "reversible": reversible, "es": es, "pes": pes,
+    "first_order": first_order}
 NAMES = tuple(FACTORIES)
 
 

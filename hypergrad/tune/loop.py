@@ -153,7 +153,7 @@ def tune(task: Task, estimator: Estimator | None = None,
          key: jax.Array, budget: float | None = None, meta_steps: int | None = None,
          strategy: Any = None, phi: PyTree | None = None,
          population: int | None = None, spread: float = 0.5, devices: int = 0,
-         online: bool = False, resample: bool = False, clip: float = DEFAULT_CLIP,
+         online: bool = False, resample: bool | None = None, clip: float = DEFAULT_CLIP,
          explore: int = 0, guard: Guard = DEFAULT_GUARD,
          callback: Callable[[dict[str, Any], TuneState], None] | None = None,
          progress: bool = False, state: TuneState | None = None,
@@ -200,7 +200,9 @@ def tune(task: Task, estimator: Estimator | None = None,
         ``pes(sigma, num_pairs, window)``. The result is compared with the start trained
         the same way (without updates); if it is worse the start is returned.
       resample: train meta-step ``t`` with ``fold_in(key, t)``: each meta-step sees a fresh
-        minibatch order and fresh noise; the trust region is off (the values are noisy).
+        minibatch order and fresh noise (and, for a task with ``tasks``, fresh tasks);
+        the trust region is off (the values are noisy). ``None`` (default): on for a
+        task with a distribution of tasks (meta-training), off otherwise.
       clip: the hypergradient's global norm is clipped to this before ``outer`` sees it
         (0: no clipping); see :data:`DEFAULT_CLIP`.
       explore: before the first meta-step, train this many random configurations and
@@ -246,6 +248,11 @@ def tune(task: Task, estimator: Estimator | None = None,
         validation.function("callback", callback, "(record, state) -> None")
     if phi is not None:
         checks.phi(phi, task.space)
+    if task.tasks is not None and online:
+        raise ValueError("online tuning trains one run; a task with a distribution of tasks "
+                         "(tasks=) trains one per drawn task: tune it with online=False")
+    # A distribution of tasks draws fresh tasks every meta-step (MAML's meta-training).
+    resample = task.tasks is not None if resample is None else bool(resample)
     explicit = estimator is not None or outer is not None
     strategy = _strategy(strategy, explicit=explicit, population=population, spread=spread,
                          explore=explore, online=online, state=state)
