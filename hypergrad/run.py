@@ -46,17 +46,10 @@ from hypergrad.tune import (
     tune,
     with_key,
 )
+from hypergrad.tune.saving import Interrupted, RunFiles, summary_of
 from hypergrad.unroll import objective
 
 RESUMABLE_KEYS = ("meta_steps", "budget")  # the only keys a resumed run may change
-
-
-class Interrupted(RuntimeError):
-    """The run stopped on SIGINT/SIGTERM after saving a checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def use_dtype(config: Config) -> None:
@@ -111,14 +104,6 @@ def _scorer(problem: Problem, estimator: Any, online: bool, mesh, size: int):
         return jax.tree.map(lambda a: jnp.mean(a, axis=0), each)
 
     return population_lib.vmapped(with_key(weights if online else trained), mesh, size)
-
-
-def _remember(meta: dict[str, Any], plan: Any) -> None:
-    """Keep the strategy's plan in the checkpoint's ``meta`` (:meth:`Plan.snapshot`: the
-    search's size and the loop's memory), where it has one, for an exact ``--resume``."""
-    snapshot = None if plan is None else plan.snapshot()
-    if snapshot is not None:
-        meta["strategy"] = snapshot
 
 
 def _rows(metrics: dict[str, np.ndarray], size: int) -> list[dict[str, float]]:
@@ -210,9 +195,11 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             if config.online else (phi,)
         return _rows(population_lib.host(scorer(placed, *args, keys)), size)
 
-    log = files.MetricsLog(workdir)
+    # The checkpoint, metrics.jsonl and hparams/ files: shared with hg.tune(workdir=).
+    keeper = RunFiles(workdir, task.space, population, save_every=config.save_every,
+                      began=began, plan=plan)
     if resume and ckpt.exists():
-        state, meta = files.load_checkpoint(ckpt, population_lib.host(template))
+        state, meta = keeper.resume(template)
         made_under = meta.get("config", {})
         changed = [f"{k} {v!r} -> {_fingerprint(config).get(k)!r}"
                    for k, v in made_under.items() if _fingerprint(config).get(k) != v]
@@ -222,9 +209,9 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
                 f"under ({', '.join(changed)}); restore it, or start a new run")
         if strategy is not None and meta.get("strategy") is not None:
             # The search and what the loop did with it, as they were at the checkpoint.
-            plan = strategy.resume(task, first, phi, meta["strategy"], began=began,
-                                   keys=strategy.keys)
-        log.keep(meta["meta_step"])
+            plan = keeper.plan = strategy.resume(task, first, phi, meta["strategy"],
+                                                 began=began, keys=strategy.keys)
+        keeper.keep()
         # config.json says what the run is now (a resumed run may change meta_steps).
         files.write_config(workdir, experiment.name, config.to_dict())
     else:
@@ -238,39 +225,23 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
             meta["explored"] = {"evaluations": len(explored.val_loss),
                                 "best_val_loss": explored.best_val_loss,
                                 "seconds": float(explored.seconds[-1])}
-        _remember(meta, plan)
-        log.start()
-        files.save_checkpoint(ckpt, population_lib.host(state), meta)
-        if population is None:
-            files.save_hparams(workdir, task.space, population_lib.member(template.phi, 0), 0)
-    elapsed_before = meta["elapsed"]
-
-    def save(state, meta_step):
-        meta["meta_step"] = meta_step
-        meta["elapsed"] = elapsed_before + time.perf_counter() - began
-        _remember(meta, plan)
-        host_state = population_lib.host(state)
-        if population is None:
-            files.save_hparams(workdir, task.space, population_lib.member(host_state.phi, 0),
-                               meta_step)
-        files.save_checkpoint(ckpt, host_state, meta)
+        keeper.start(state, meta)
 
     if signals.received is not None:  # during the initial evaluation
-        save(state, meta["meta_step"])
+        keeper.save(state, meta["meta_step"])
         raise Interrupted(f"stopped by signal {signals.received} before the first meta-step; "
                           f"checkpoint saved, continue with --resume --workdir {workdir}",
                           signals.received)
-    with log:
+    with keeper:
         def callback(record, state):
-            log.write(record)
+            saved = keeper.write(record, state)  # the line; a checkpoint every save_every
             done = record["meta_step"] + 1
             if signals.received is not None:
-                save(state, done)
+                if not saved:
+                    keeper.save(state, done)
                 raise Interrupted(f"stopped by signal {signals.received} after meta-step "
                                   f"{done - 1}; checkpoint saved, continue with --resume "
                                   f"--workdir {workdir}", signals.received)
-            if done % config.save_every == 0:
-                save(state, done)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TuneWarning)  # summary says it
@@ -282,58 +253,17 @@ def _tune_in(experiment: Experiment, config: Config, problem: Problem, workdir: 
     state = history.state
     assert state is not None
     done = int(population_lib.host(state.meta_step)[0])
-    save(state, done)
+    keeper.save(state, done)
 
     def stacked(points):
         members = [p if p is not None else history.final for p in points]
         return jax.tree.map(lambda *xs: np.stack(xs), *[p.phi for p in members])
 
     finals, bests = score(state, stacked(history.finals)), score(state, stacked(history.bests))
-    host_state = population_lib.host(state)
-    rows = []
-    for m in range(size):
-        final, best = history.finals[m], history.bests[m]
-        initial = meta["initial"][m]
-        row: dict[str, Any] = {
-            "initial_val_loss": initial["val_loss"],
-            "final_val_loss": final.val_loss if final else None,
-            "final_meta_step": final.meta_step if final else None,
-            "initial_hparams": meta["initial_hparams"][m],
-            "final_hparams": task.space.summarize(final.hparams) if final else None,
-            "best_val_loss": best.val_loss if best else None,
-            "best_meta_step": best.meta_step if best else None,
-            "best_hparams": task.space.summarize(best.hparams) if best else None,
-        }
-        for k in finals[m]:
-            if k != "val_loss":
-                row[f"initial_{k}"] = initial[k]
-                row[k] = finals[m][k] if final else None
-                if not config.online:
-                    row[f"best_{k}"] = bests[m][k] if best else None
-        row["test_scores"] = (
-            f"{', '.join(k for k in finals[m] if k != 'val_loss')} are the final point's "
-            f"(meta-step {final.meta_step})" + ("" if config.online else
-                                                 "; best_* the best point's")
-            if final else "no accepted point")
-        row["rejected_meta_steps"] = int(host_state.rejected[m])
-        rows.append(row)
-    b = history.final.member or 0
-    summary: dict[str, Any] = {"experiment": experiment.name, **rows[int(b)],
-                               "meta_steps_run": done, "stopped_early": history.stopped,
-                               "stop_reason": history.stop_reason,
-                               "strategy": history.strategy, "diagnosis": history.diagnosis}
-    if "explored" in meta:
-        summary["explored"] = meta["explored"]
-    if population is not None:
-        finite = [r["final_val_loss"] for r in rows if r["final_val_loss"] is not None]
-        summary |= {
-            "rejected_meta_steps": int(np.sum(host_state.rejected)), "population": size,
-            "devices": 1 if mesh is None else mesh.size, "best_member": int(b),
-            "final_val_loss_spread": {"min": min(finite), "median": float(np.median(finite)),
-                                      "max": max(finite)},
-            "members": [{"member": m, **r, "retired": int(host_state.retired[m]) != 0}
-                        for m, r in enumerate(rows)]}
-    summary["seconds"] = elapsed_before + time.perf_counter() - began
+    summary = summary_of(history, task.space, meta, state, done=done,
+                         seconds=keeper.before + time.perf_counter() - began,
+                         head={"experiment": experiment.name}, scores=(finals, bests),
+                         online=config.online, devices=1 if mesh is None else mesh.size)
     files.write_json(workdir / "summary.json", summary)
 
     from hypergrad import plots  # matplotlib only once there is something to draw

@@ -88,17 +88,18 @@ def _limit(path: Path, name: str, default: int) -> int:
         return default
 
 
-def check_new(workdir: Path) -> None:
+def check_new(workdir: Path, what: str = "--workdir", hint: str | None = None) -> None:
     """Refuse a ``workdir`` that is not a directory, already holds files, or cannot be
     created or written (:func:`check_path` included); write nothing. Called before any data
-    is loaded, so a wrong ``--workdir`` costs nothing."""
-    check_path(workdir)
+    is loaded, so a wrong ``--workdir`` costs nothing. ``what`` names the argument in the
+    messages, ``hint`` says what to do with a workdir that holds files."""
+    check_path(workdir, what)
+    if hint is None:
+        hint = f"pass --resume to continue that run, or choose another {what}"
     if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"workdir {workdir} is not a directory; choose another --workdir")
+        raise WorkdirError(f"workdir {workdir} is not a directory; choose another {what}")
     if workdir.exists() and any(workdir.iterdir()):
-        raise WorkdirError(
-            f"workdir {workdir} already holds files; pass --resume to continue that run, "
-            "or choose another --workdir")
+        raise WorkdirError(f"workdir {workdir} already holds files; {hint}")
     if workdir.exists():
         probe = workdir / ".write-test"
         try:
@@ -106,12 +107,12 @@ def check_new(workdir: Path) -> None:
             probe.unlink()
         except OSError as e:
             raise WorkdirError(f"cannot write in workdir {workdir}: {e.strerror}; choose "
-                               "another --workdir") from None
+                               f"another {what}") from None
         return
     parent = next(p for p in workdir.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise WorkdirError(f"cannot create workdir {workdir}: {parent} is not a writable "
-                           "directory; choose another --workdir")
+                           f"directory; choose another {what}")
 
 
 def create(workdir: Path) -> None:

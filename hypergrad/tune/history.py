@@ -256,7 +256,8 @@ class History:
         """The History :meth:`to_json` wrote. Per-step ``hparams`` come from the records,
         which keep scalars and the means of arrays; ``hypergrad``, ``scale``,
         ``line_search`` and ``state`` are not saved."""
-        history = _from_records(list(data["records"]), data.get("population"))
+        history = cls.from_records(data["records"], data.get("population"),
+                                   data.get("groups", {}))
         history.best, history.final = _point(data["best"]), _point(data["final"])
         history.bests = [p and _point(p) for p in data["bests"]]
         history.finals = [p and _point(p) for p in data["finals"]]
@@ -265,10 +266,19 @@ class History:
         history.stop_reason = data.get("stop_reason", "meta_steps")
         history.diagnosis = list(data.get("diagnosis", []))
         history.strategy = data.get("strategy", "local")
-        history.groups = {n: list(g) for n, g in data.get("groups", {}).items()}
-        for name, groups in history.groups.items():  # (meta_steps, [P,] groups)
-            history.hparams[name] = _grouped(history.records, history.population, name,
-                                             groups)
+        return history
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]], population: int | None = None,
+                     groups: Mapping[str, list[str]] | None = None) -> History:
+        """The per-step part of a History from its JSON records alone (``metrics.jsonl``'s
+        lines): ``val_loss`` (NaN where rejected), ``train_loss``, ``hypergrad_norm``,
+        ``accepted``, ``seconds`` and each hyperparameter's value or mean (each group's,
+        for the hyperparameters ``groups`` names); no points."""
+        history = _from_records(list(records), population)
+        history.groups = {n: list(g) for n, g in (groups or {}).items()}
+        for name, g in history.groups.items():  # (meta_steps, [P,] groups)
+            history.hparams[name] = _grouped(history.records, population, name, g)
         return history
 
     @classmethod

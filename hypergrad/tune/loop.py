@@ -20,6 +20,7 @@ is compared with its start trained the same way and returns the start if it ende
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -157,7 +158,8 @@ def tune(task: Task, estimator: Estimator | None = None,
          explore: int = 0, guard: Guard = DEFAULT_GUARD,
          callback: Callable[[dict[str, Any], TuneState], None] | None = None,
          progress: bool = False, state: TuneState | None = None,
-         plan: Plan | None = None) -> History:
+         plan: Plan | None = None, workdir: str | os.PathLike | None = None,
+         save_every: int = 1) -> History:
     """Tune ``task``'s hyperparameters by hypergradient.
 
     ``tune(task, key=key, budget=60)`` uses every default; ``tune(task, estimator, outer,
@@ -218,6 +220,21 @@ def tune(task: Task, estimator: Estimator | None = None,
       plan: with ``state``, the strategy's plan it was made from (its queue of starts,
         exploration and scored start), where the caller made it beforehand
         (``hypergrad run`` checkpoints the start before the first meta-step).
+      workdir: a run directory, written as ``hypergrad run`` writes one
+        (:mod:`hypergrad.tune.saving`): ``config.json`` (this call), ``metrics.jsonl``,
+        ``checkpoint.npz``, ``hparams/``, and at the end ``history.json``,
+        ``summary.json`` and the figures. A new or empty one starts a run; one holding a
+        run of this call resumes it from its checkpoint (killed, interrupted, or stopped
+        by a raising ``callback``) and returns the History of the whole run, equal to an
+        uninterrupted run's; a finished one returns its History without training (or,
+        with a larger ``meta_steps``, goes on). Only ``meta_steps``, ``budget`` and
+        ``save_every`` may change between the calls (``budget`` counts the whole run's
+        time); another call's directory is refused before anything is written. ``None``
+        (the default): no files.
+      save_every: with ``workdir``, checkpoint every this many meta-steps (and at the end,
+        and on SIGINT/SIGTERM). 1: a checkpoint is the loop's state (``phi``-sized arrays,
+        the weights only for online tuning), far cheaper to write than a meta-step's
+        training is to redo.
 
     Returns:
       a :class:`History`.
@@ -286,6 +303,14 @@ def tune(task: Task, estimator: Estimator | None = None,
     else:
         checks.state(state, task.space, size, key, lambda phis, keys: states(
             task, estimator, outer, phis, keys, online))
+    if workdir is not None:
+        from hypergrad.tune import saving  # file IO, only when asked (it wraps this loop)
+
+        return saving.tune_in(
+            workdir, save_every=save_every, began=began, task=task, estimator=estimator,
+            outer=outer, key=key, budget=budget, meta_steps=meta_steps, strategy=strategy,
+            phi=phi, devices=devices, online=online, resample=resample, clip=clip,
+            guard=guard, callback=callback, progress=progress, state=state, plan=plan)
     keys_n = strategy.keys
     phi0 = task.space.init() if phi is None else phi
 
