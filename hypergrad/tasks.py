@@ -111,12 +111,12 @@ def stacked(train_data: PyTree, val_data: PyTree, batch: int) -> Tasks:
     """Tasks given as arrays: ``train_data`` and ``val_data`` with a leading task axis
     (``[num_tasks, examples, ...]``); each estimate draws ``batch`` of them uniformly
     (with replacement)."""
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) >= 2 else None
-             for leaf in jax.tree.leaves((train_data, val_data))}
+    leaves = jax.tree.leaves((train_data, val_data))
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) >= 2 else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError("stacked tasks need arrays with a leading task axis and an example "
                          "axis, [num_tasks, examples, ...], the same number of tasks in each; "
-                         f"got shapes {show([np.shape(x) for x in jax.tree.leaves((train_data, val_data))])}")
+                         f"got shapes {show([np.shape(x) for x in leaves])}")
     (n,) = sizes
     pool = jax.tree.map(jnp.asarray, (train_data, val_data))
 

@@ -184,9 +184,9 @@ def test_a_stochastic_task_is_rescored_on_fresh_keys():
     best = history.best
     assert best.stderr is not None and best.stderr >= 0
     # The mean over RESCORE_KEYS fresh keys, none of them a key the run trained with.
-    from hypergrad.tune.loop import _RESCORE_STREAM
+    from hypergrad.tune.result import RESCORE_STREAM
 
-    stream = jax.random.fold_in(key, _RESCORE_STREAM)
+    stream = jax.random.fold_in(key, RESCORE_STREAM)
     values = [float(objective(task, jax.tree.map(jnp.asarray, best.phi),
                               jax.random.fold_in(stream, r))[0]) for r in range(RESCORE_KEYS)]
     assert best.val_loss == pytest.approx(np.mean(values), rel=1e-5)

@@ -1,25 +1,19 @@
 """The tuning loop, as a package: the guard, the jitted meta-step, the History, the host
-loop and the strategies (see each module). Re-exports only."""
+loop, its reactions and its result, and the strategies (see each module). Re-exports only."""
 
 from hypergrad.tune.guard import DEFAULT_GUARD, Guard
 from hypergrad.tune.history import History, Point, json_safe
-from hypergrad.tune.loop import (
-    DEFAULT_BUDGET,
-    RESCORE_KEYS,
-    TuneError,
-    TuneWarning,
-    default_estimator,
-    initial_state,
-    states,
-    tune,
-)
+from hypergrad.tune.loop import DEFAULT_BUDGET, default_estimator, tune
+from hypergrad.tune.result import RESCORE_KEYS, TuneError, TuneWarning
 from hypergrad.tune.step import (
     DEFAULT_CLIP,
     TuneState,
     init_state,
+    initial_state,
     make_final,
     make_step,
     online_weights,
+    states,
     with_key,
 )
 from hypergrad.tune.strategies import DEFAULT as DEFAULT_STRATEGY

@@ -445,3 +445,41 @@ def record(space, i: int, m: Mapping[str, Any], retired_before: np.ndarray,
         out["warning"] = "every member's step was rejected or retired"
     out["members"] = entries
     return out
+
+
+def assemble(space, metrics, records, seconds, clock, population, size, best, final, bests,
+              finals, stopped, stop_reason, diagnosis, explored, start, state,
+              strategy) -> History:
+    """The :class:`History` of a finished loop from its per-meta-step metrics and records
+    and the points it chose."""
+    def stack(key):
+        if not metrics:
+            return np.zeros((0,) if population is None else (0, size))
+        out = np.stack([np.asarray(m[key]) for m in metrics])
+        return out[:, 0] if population is None else out
+
+    def stack_tree(key):
+        if not metrics:
+            return {}
+        trees = [m[key] for m in metrics]
+        out = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+        return jax.tree.map(lambda x: x[:, 0], out) if population is None else out
+
+    line_search = None
+    if metrics and "line_search" in metrics[0]:
+        line_search = {k: np.stack([np.asarray(m["line_search"][k]) for m in metrics])
+                       for k in ("step", "evals", "failed")}
+        if population is None:
+            line_search = {k: v[:, 0] for k, v in line_search.items()}
+    return History(
+        val_loss=stack("val_loss"), train_loss=stack("train_loss"),
+        hypergrad_norm=stack("hypergrad_norm"), accepted=stack("accepted").astype(bool),
+        point_ok=stack("point_ok").astype(bool), scale=stack("scale"),
+        seconds=np.asarray(seconds, float), hparams=stack_tree("hparams"),
+        hypergrad=stack_tree("hypergrad"), line_search=line_search, records=records,
+        best=best, final=final, bests=bests, finals=finals, stopped=stopped,
+        explored=explored, population=population, state=state, start=start,
+        clock=np.asarray(clock, float), stop_reason=stop_reason, diagnosis=diagnosis,
+        strategy=strategy, phis=stack_tree("phi") if metrics else None,
+        groups={n: list(c.layout.groups) for n, c in space.constraints.items()
+                if c.layout is not None and c.layout.groups is not None})

@@ -31,7 +31,7 @@ from hypergrad import validation
 from hypergrad import workdir as files
 from hypergrad.messages import clip as clip_text
 from hypergrad.messages import show
-from hypergrad.tune import checks, loop
+from hypergrad.tune import checks, loop, step
 from hypergrad.tune.history import History, Point, json_safe
 from hypergrad.tune.strategies import Plan
 
@@ -281,7 +281,7 @@ class _Resumable:
     def template(self, size: int):
         """A state shaped like the run's (its values are the checkpoint's)."""
         phis = jax.tree.map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), self.phi0)
-        return loop.states(self.task, self.estimator, self.outer, phis,
+        return step.states(self.task, self.estimator, self.outer, phis,
                            population_lib.member_keys(self.key, size), self.online)
 
     def size(self) -> int:
@@ -339,7 +339,7 @@ class _Resumable:
         if plan.memory is None:  # kept in the checkpoint, the loop's memory resumes
             plan = plan._replace(memory={})
         size = 1 if plan.population is None else int(plan.population)
-        state = loop.states(task, self.estimator, self.outer, plan.phis,
+        state = step.states(task, self.estimator, self.outer, plan.phis,
                             population_lib.member_keys(self.key, size), self.online)
         hp = population_lib.host(task.space.constrain(state.phi))
         meta: dict[str, Any] = {

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from hypergrad import outer as outer_lib
+from hypergrad import population as population_lib
 from hypergrad.estimators.base import Estimator, Online
 from hypergrad.estimators.es import es
 from hypergrad.task import Task
@@ -380,3 +381,30 @@ def with_key(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return one
 
+
+def initial_state(task: Task, estimator: Estimator, outer: optax.GradientTransformation, *,
+                  key: jax.Array, phi: PyTree | None = None, population: int = 1,
+                  spread: float = 0.5, online: bool = False) -> TuneState:
+    """Every member's state before the first meta-step, stacked on a leading axis (see
+    :func:`tune` for the arguments); a checkpoint's template."""
+    phi = task.space.init() if phi is None else phi
+    keys = population_lib.member_keys(key, population)
+    phis = jax.jit(population_lib.member_phis, static_argnums=(1,))(
+        phi, population, spread, jax.random.wrap_key_data(keys[0]))
+    return states(task, estimator, outer, phis, keys, online)
+
+
+def states(task: Task, estimator: Estimator, outer: optax.GradientTransformation,
+           phis: PyTree, keys: jax.Array, online: bool = False) -> TuneState:
+    """The members' states before their first meta-step, at the stacked starts ``phis``
+    with one raw key per member (:func:`hypergrad.population.member_keys`)."""
+    outer = optax.with_extra_args_support(outer)
+
+    # One compiled program: run eagerly, the inits compile op by op, once per leaf.
+    @jax.jit
+    def build(task, phis, keys):
+        init = lambda p, k: init_state(task, estimator, outer, p,  # noqa: E731
+                                       jax.random.wrap_key_data(k), online=online)
+        return jax.vmap(init)(phis, keys)
+
+    return build(task, phis, keys)

@@ -136,7 +136,7 @@ class ExploreRefine:
       smooth: answer chaos at the step's scale by smoothing (see the module docstring).
       restart: replace a member that stops by the next start, and late in the run move
         the worst member to the search's best point where that is better than every
-        member's best (``_Run.exploit`` in :mod:`hypergrad.tune.loop`).
+        member's best (``Reactions.exploit`` in :mod:`hypergrad.tune.reactions`).
       keys: keys each configuration is scored on, and the meta-step's hypergradient
         averaged over (1: the run's key; a stochastic task is searched on that one draw
         of its noise, cheaply, and its best candidates are then re-scored on fresh keys,
