@@ -211,3 +211,28 @@ def test_bad_input_reads_clearly():
     with pytest.raises(ValueError, match="tuned must name"):
         hg.meta.nest(quad_task(), tuned=("bias",), space=hg.HyperSpace(
             {"learning_rate": hg.positive(0.1)}), steps=2)
+
+
+def test_meta_training_killed_and_resumed_from_its_workdir_equals_an_uninterrupted_run(
+        tmp_path):
+    task = quad_task(batch=4, steps=1, inner_lr=0.1)
+
+    def run(path, **kw):
+        return hg.tune(task, hg.estimators.first_order(), optax.adam(0.1), meta_steps=4,
+                       key=jax.random.key(0), population=2, workdir=path, **kw)
+
+    whole = run(tmp_path / "whole")
+
+    def kill(record, state):
+        if record["meta_step"] == 1:
+            raise KeyboardInterrupt  # as a kill after meta-step 1
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", callback=kill)
+    resumed = run(tmp_path / "run")
+    assert len(resumed) == len(whole) == 4
+    # fresh tasks every meta-step, drawn from the meta-step's key: the same after a resume
+    np.testing.assert_array_equal(resumed.val_loss, whole.val_loss)
+    np.testing.assert_array_equal(np.asarray(resumed.final.hparams["init"]),
+                                  np.asarray(whole.final.hparams["init"]))
+    assert resumed.best.val_loss == whole.best.val_loss
