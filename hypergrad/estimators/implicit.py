@@ -72,7 +72,9 @@ def implicit(
     (a residual of NaN, reported as not converged) instead of an overflowing iterate.
 
     Convergence is reported in ``aux``. When the tolerance is not met the estimator warns
-    with :class:`NotConvergedWarning` from a ``jax.debug.callback``, so the warning is
+    with :class:`NotConvergedWarning` from a host callback that runs only then (a
+    ``jax.pure_callback`` in a ``lax.cond``: a converged call pays nothing, a vmapped one
+    one batched call), so the warning is
     issued both eagerly and under ``jax.jit`` (each time the compiled function runs; with
     warnings turned into errors a jitted call raises ``JaxRuntimeError``). Jitted code
     that must not warn can read ``aux["converged"]`` and filter the warning.
@@ -114,8 +116,10 @@ def implicit(
 
             grad = jax.lax.cond(converged, lambda: grad, truncated_grad)
             aux["fallback_used"] = ~converged
-        jax.debug.callback(_warn_unless_converged(solver, tol, fallback, window),
-                           converged, residual, iterations)
+        # The warning's host call runs only where the solve failed (vmapped: one batched
+        # call); a converged call keeps JAX's fast dispatch (see _warn_in_graph).
+        grad = _warn_in_graph(_warn_unless_converged(solver, tol, fallback, window),
+                              converged, residual, iterations, grad)
         return value, grad, aux
 
     options = {"solver": solver, "maxiter": maxiter, "tol": tol, "alpha": alpha,
