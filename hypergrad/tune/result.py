@@ -59,6 +59,10 @@ class Result:
 
     def history(self, s: TuneState, metrics, records, seconds, clock, end_values,
                 stopped, stop_reason, state, phi0) -> History:
+        """The run's :class:`History`: each member's final point (the point it moved to,
+        where ``end_values`` passes the guard, else its last accepted one) and best
+        point, never worse than the start; for a noisy objective every candidate is
+        re-scored on fresh keys first and ``best`` is the lowest of them all."""
         space, guard, population = self.task.space, self.guard, self.population
         deterministic = not self.online and not self.resample
         trust = deterministic and guard.tolerance != math.inf
@@ -130,7 +134,9 @@ class Result:
                         extra.append(Point(-1, float(explored.val_loss[k]), p,
                                            _natural(space, p)))
             finals, bests, start, extra = self._rescore(finals, bests, start, extra)
-        best, final = _pick(bests + extra), _pick(finals)
+        # Re-scored, a member's final point can come out below its best one (a best
+        # chosen on one lucky draw): the best is the lowest of every scored point.
+        best, final = _pick(bests + extra + finals), _pick(finals)
         if start is not None and (self.online or self.task.stochastic or self.resample) \
                 and final.val_loss > start.val_loss:
             how = "trained the same way" if self.online else "re-scored on fresh keys"
