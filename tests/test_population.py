@@ -187,7 +187,9 @@ def _python(*args, env=None, timeout=600):
 def test_sharded_across_four_devices():
     """tests/multidevice_population.py: population == separate runs, sharded ==
     unsharded, one compile per configuration, on four forced CPU devices."""
-    proc = _python("-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # -n 0: one process (the addopts' -n auto would start pytest-xdist workers, each
+    # importing JAX and compiling on its own, inside a test that already has a worker).
+    proc = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                    "tests/multidevice_population.py", env=FOUR_DEVICES)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "4 passed" in proc.stdout
