@@ -11,6 +11,7 @@ objective itself (a full training run). Only :func:`nonlinear_cg` calls ``value_
 line search; :func:`gradient_descent` and :func:`adam` ignore the extra arguments.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -428,14 +429,26 @@ def by_name(name: str, learning_rate: float | None = None) -> optax.GradientTran
     """The outer optimizer called ``name`` ("gd", "ncg" or "adam") with its defaults.
 
     For ``"ncg"`` the learning rate is the first trial step of the line search; ``None``
-    takes ``DEFAULT_LR[name]``.
+    takes ``DEFAULT_LR[name]``. The same name and rate give the same object (the
+    transformations are pure), so ``hg.tune``'s compiled meta-step serves every call that
+    names them.
     """
+    if not isinstance(name, str) or not (learning_rate is None or isinstance(
+            learning_rate, int | float)):
+        return _by_name(name, learning_rate)  # (unhashable input: the error below)
+    return _cached_by_name(name, learning_rate)
+
+
+def _by_name(name: str, learning_rate: float | None) -> optax.GradientTransformationExtraArgs:
     try:
         factory = _BY_NAME[name]
     except KeyError:
         choices = ", ".join(repr(k) for k in _BY_NAME)
         raise ValueError(f"unknown outer optimizer {name!r}; choose one of {choices}") from None
     return factory(DEFAULT_LR[name] if learning_rate is None else learning_rate)
+
+
+_cached_by_name = functools.lru_cache(maxsize=64)(_by_name)
 
 
 class RecurrenceState(NamedTuple):

@@ -234,3 +234,35 @@ def test_es_and_pes_drive_the_loop_and_the_command_line(tmp_path):
     assert main(["run", "--set", "estimator=pes", "--set", "window=2", "--set", "num_pairs=2",
                  "--set", "steps=4", "--set", "batch_size=20", "--set", "channels=2,2,2",
                  "--set", "meta_steps=1", "--workdir", str(tmp_path / "w"), "--quiet"]) == 0
+
+
+def _compiled_programs(caplog, run):
+    """The jitted programs ``run()`` compiles (JAX's compile log)."""
+    caplog.clear()
+    # The global flag, not the thread-local context: the default strategy compiles its
+    # meta-step in a thread while it explores.
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING", logger="jax"):
+            run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage().split(" with ")[0] for r in caplog.records
+            if r.getMessage().startswith("Compiling ")]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_second_tune_call_reuses_the_compiled_meta_step(caplog, explicit):
+    # The same task, estimator and outer objects (or the defaults, by name) and another
+    # key: the meta-step and the final evaluation (jit(one), a single member) are the
+    # ones the first call compiled.
+    task = quadratic_task(steps=5)
+    args = (hg.estimators.reverse(), optax.adam(0.1)) if explicit else ()
+
+    def run(seed):
+        return lambda: hg.tune(task, *args, meta_steps=2, key=jax.random.key(seed))
+
+    first = _compiled_programs(caplog, run(0))
+    assert first.count("Compiling jit(one)") >= 1  # the log sees them when they compile
+    again = _compiled_programs(caplog, run(1))
+    assert "Compiling jit(one)" not in again, again

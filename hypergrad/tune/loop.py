@@ -20,12 +20,13 @@ the same way and returns the start if it ended worse.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -66,9 +67,32 @@ DEFAULT_BUDGET = 60.0
 def default_estimator(task: Task) -> Estimator:
     """The estimator :func:`tune` uses when given none: the exact reverse-mode
     hypergradient through the whole unroll, with the checkpoint policy measured fastest
-    on the backend (:func:`hypergrad.estimators.reverse`)."""
+    on the backend (:func:`hypergrad.estimators.reverse`). One object for every call, so
+    a later call's meta-step is the one already compiled (:func:`_members_step`)."""
     del task  # every task supports it; memory is bounded by the checkpoint policy
-    return reverse()
+    return _DEFAULT_ESTIMATOR
+
+
+_DEFAULT_ESTIMATOR = reverse()
+
+
+@functools.lru_cache(maxsize=32)
+def _members_step(estimator: Estimator, outer: Any, mesh: Any, size: int,
+                  **options: Any) -> Callable[..., Any]:
+    """The population's jitted meta-step (:func:`hypergrad.tune.step.make_step` with
+    ``options``), made once per estimator and outer object and settings: a later
+    :func:`tune` call with the same ones (the same task and shapes) runs the program
+    already compiled instead of compiling it again (a configuration compiles once)."""
+    return population_lib.vmapped(with_key(make_step(estimator, outer, **options)), mesh,
+                                  size)
+
+
+@functools.lru_cache(maxsize=32)
+def _members_final(estimator: Estimator, mesh: Any, size: int,
+                   **options: Any) -> Callable[..., Any]:
+    """The population's jitted final evaluation (:func:`hypergrad.tune.step.make_final`),
+    made once like :func:`_members_step`."""
+    return population_lib.vmapped(with_key(make_final(estimator, **options)), mesh, size)
 
 
 def _strategy(strategy: Any, *, explicit: bool, population: int | None, spread: float,
@@ -297,9 +321,8 @@ class _Run(Reactions, Result):
         self.placed = population_lib.put(task, mesh, replicate=True)
         self.keys = population_lib.put(keys, mesh)
         self.raw_keys = keys
-        self.final = population_lib.vmapped(
-            with_key(make_final(estimator, online=online, resample=resample, keys=keys_n)),
-            mesh, size)
+        self.final = _members_final(estimator, mesh, size, online=online,
+                                    resample=resample, keys=keys_n)
         self.sigma = -1.0
         self.step: Any = None
         self.done = 0
@@ -316,15 +339,14 @@ class _Run(Reactions, Result):
         if memory.get("restarted_at") is None:
             memory["restarted_at"] = math.inf
 
-    def _step_fn(self, sigma: float, cap: float | None):
-        return with_key(make_step(
-            self.estimator, self.outer, online=self.online, clip=self.clip, guard=self.guard,
-            resample=self.resample, keys=self.keys_n, sigma=sigma, cap=cap))
 
     def build(self, sigma: float, cap: float | None) -> None:
         if sigma != self.sigma:
             self.sigma = sigma
-            jitted = population_lib.vmapped(self._step_fn(sigma, cap), self.mesh, self.size)
+            jitted = _members_step(self.estimator, self.outer, self.mesh, self.size,
+                                   online=self.online, clip=self.clip, guard=self.guard,
+                                   resample=self.resample, keys=self.keys_n, sigma=sigma,
+                                   cap=cap)
             self.step = jitted
             if sigma == 0 and self.early is not None:
                 compiled = self.early.result()
@@ -425,23 +447,41 @@ def _compile_early(task, estimator, outer, strategy, phi0, key, devices, **optio
     phis = jax.tree.map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), phi0)
     template = jax.eval_shape(lambda: states(task, estimator, outer, phis, keys,
                                               options["online"]))
-    fn = population_lib.vmapped(with_key(make_step(estimator, outer, **options)), None, size)
-    final = population_lib.vmapped(with_key(make_final(
-        estimator, online=options["online"], resample=options["resample"],
-        keys=options["keys"])), None, size)
+    fn = _members_step(estimator, outer, None, size, online=options["online"],
+                       clip=options["clip"], guard=options["guard"],
+                       resample=options["resample"], keys=options["keys"], sigma=0.0,
+                       cap=None)
+    final = _members_final(estimator, None, size, online=options["online"],
+                           resample=options["resample"], keys=options["keys"])
     placed = population_lib.put(task, None, replicate=True)
+    # The programs are fixed by the functions and the arguments' structure and shapes
+    # (the task's functions and space among them): an earlier call's are reused.
+    leaves, tree = jax.tree.flatten((placed, template, keys))
+    signature = (fn, final, tree, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if signature in _EARLY:
+        done: Future = Future()
+        done.set_result(_EARLY[signature])
+        return done
 
     def build():
         try:
-            return (fn.lower(placed, template, keys).compile(),
-                    final.lower(placed, template, keys).compile())
+            compiled = (fn.lower(placed, template, keys).compile(),
+                        final.lower(placed, template, keys).compile())
         except Exception:  # noqa: BLE001 - the loop compiles them the usual way instead
             return None
+        _EARLY[signature] = compiled
+        while len(_EARLY) > 8:
+            _EARLY.pop(next(iter(_EARLY)))
+        return compiled
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypergrad-compile")
     future = pool.submit(build)
     pool.shutdown(wait=False)
     return future
+
+
+#: The meta-steps :func:`_compile_early` compiled, by functions and argument shapes.
+_EARLY: dict[Any, Any] = {}
 
 
 class _Fallback:
