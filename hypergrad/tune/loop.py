@@ -70,10 +70,14 @@ def default_estimator(task: Task) -> Estimator:
     on the backend (:func:`hypergrad.estimators.reverse`). One object for every call, so
     a later call's meta-step is the one already compiled (:func:`_members_step`)."""
     del task  # every task supports it; memory is bounded by the checkpoint policy
-    return _DEFAULT_ESTIMATOR
+    return _default_reverse()
 
 
-_DEFAULT_ESTIMATOR = reverse()
+@functools.cache
+def _default_reverse() -> Estimator:
+    # Made on first use, not at import: building it reads the backend, which a
+    # multi-host run must not initialize before jax.distributed.initialize().
+    return reverse()
 
 
 @functools.lru_cache(maxsize=32)
