@@ -359,7 +359,9 @@ ax.legend()
 # one new task: the function, its 10 support points and the fits after one step
 x = jnp.linspace(-5, 5, 200)[:, None]
 (xs, ys), _ = sinusoid(jax.random.key(7))
-one_step = lambda w: jax.tree.map(lambda p, g: p - 0.01 * g, w, jax.grad(mse)(w, (xs, ys)))
+def one_step(w):
+    return jax.tree.map(lambda p, g: p - 0.01 * g, w, jax.grad(mse)(w, (xs, ys)))
+
 a, b, _ = draw(jax.random.key(7))
 fit.plot(x[:, 0], a * jnp.sin(x[:, 0] + b), "k--", label="the task")
 fit.scatter(xs[:, 0], ys[:, 0], color="k", zorder=3, label="support")
