@@ -40,7 +40,7 @@ from hypergrad import validation
 from hypergrad.estimators.base import Estimator
 from hypergrad.estimators.reverse import reverse
 from hypergrad.task import Task
-from hypergrad.tune import checks
+from hypergrad.tune import checks, saving
 from hypergrad.tune import strategies as strategies_lib
 from hypergrad.tune.guard import ACTIVE, DEFAULT_GUARD, Guard
 from hypergrad.tune.history import History, record
@@ -271,10 +271,10 @@ def tune(task: Task, estimator: Estimator | None = None,
         checks.state(state, task.space, size, key, lambda phis, keys: states(
             task, estimator, outer, phis, keys, online))
     if workdir is not None:
-        from hypergrad.tune import saving  # file IO, only when asked (it wraps this loop)
-
+        # The files around this loop: saving runs ``tune`` (given, so that it does not
+        # import this module) with workdir=None and its own callback.
         return saving.tune_in(
-            workdir, save_every=save_every, began=began, task=task, estimator=estimator,
+            workdir, tune, save_every=save_every, began=began, task=task, estimator=estimator,
             outer=outer, key=key, budget=budget, meta_steps=meta_steps, strategy=strategy,
             phi=phi, devices=devices, online=online, resample=resample, clip=clip,
             guard=guard, callback=callback, progress=progress, state=state, plan=plan)

@@ -31,7 +31,7 @@ from hypergrad import validation
 from hypergrad import workdir as files
 from hypergrad.messages import clip as clip_text
 from hypergrad.messages import show
-from hypergrad.tune import checks, loop, step
+from hypergrad.tune import checks, step
 from hypergrad.tune.history import History, Point, json_safe
 from hypergrad.tune.strategies import Plan
 
@@ -196,14 +196,17 @@ def summary_of(history: History, space, meta: dict[str, Any], state, *, done: in
 # -- tune(..., workdir=PATH) ---------------------------------------------------------------
 
 
-def tune_in(workdir: str | os.PathLike, *, save_every: int, began: float, task, estimator,
+def tune_in(workdir: str | os.PathLike, tune: Callable[..., History], *, save_every: int,
+            began: float, task, estimator,
             outer, key: jax.Array, budget: float | None, meta_steps: int | None, strategy,
             phi: PyTree | None, devices: int, online: bool, resample: bool, clip: float,
             guard, callback: Callable | None, progress: bool, state, plan) -> History:
     """:func:`hypergrad.tune` with ``workdir``, its arguments checked and resolved (the
     strategy, estimator and outer optimizer chosen; ``meta_steps`` and ``budget`` as the
     loop reads them): a new run in a new or empty ``workdir``; the run there resumed from
-    its checkpoint; or a finished run's History read back."""
+    its checkpoint; or a finished run's History read back. ``tune`` is
+    :func:`hypergrad.tune` itself, run with ``workdir=None`` (passed in: the loop imports
+    this module)."""
     if state is not None or plan is not None:
         raise ValueError("workdir= resumes a run from its checkpoint: pass it without state= "
                          "and plan= (or continue a History in memory without workdir=)")
@@ -259,7 +262,7 @@ def tune_in(workdir: str | os.PathLike, *, save_every: int, began: float, task, 
                 callback(record, state)
 
         with run.keeper:
-            later = loop.tune(task, estimator, outer, key=key, budget=left,
+            later = tune(task, estimator, outer, key=key, budget=left,
                               meta_steps=meta_steps, strategy=strategy, phi=phi,
                               devices=devices, online=online, resample=resample, clip=clip,
                               guard=guard, callback=on_step, progress=progress,
