@@ -22,7 +22,8 @@ from hypergrad.tune import TuneError
 from tests.problems import QUAD, QuadConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+FOUR_DEVICES = {**os.environ, "XLA_FLAGS": " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]).strip()}
 
 
 def records(workdir):
