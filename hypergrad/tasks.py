@@ -7,10 +7,11 @@ given ``tasks=`` trains on ``tasks.batch`` tasks drawn afresh from each key, one
 training (adaptation): MAML's objective (Finn et al. 2017) when the initial weights are
 a hyperparameter (:func:`hypergrad.meta.maml`).
 
-:func:`mean` is the one place the task axis is taken: every estimator goes through it
-(:class:`hypergrad.estimators.Estimator`), and so does the plain objective
-(:func:`hypergrad.unroll.objective`), with the same split of the key, so an estimate's
-value is the objective's value for the same key.
+:func:`each` is the one place the task axis is taken, and :func:`mean` averages over it:
+every estimator goes through it (:class:`hypergrad.estimators.Estimator`), and so does
+the plain objective (:func:`hypergrad.unroll.objective`), with the same split of the key,
+so an estimate's value is the objective's value for the same key. A per-task score (the
+few-shot experiment's accuracy per episode) goes through :func:`each` with that split.
 """
 
 from __future__ import annotations
@@ -127,21 +128,30 @@ def stacked(train_data: PyTree, val_data: PyTree, batch: int) -> Tasks:
     return Tasks(pick, batch, pool=pool)
 
 
-def mean(fn: Callable[..., Any], task: Any, phi: PyTree, key: jax.Array) -> Any:
-    """``fn(one_task, phi, k)`` over ``task.tasks.batch`` tasks drawn from ``key``, one
-    ``vmap``, averaged.
+def each(fn: Callable[..., Any], task: Any, phi: PyTree, key: jax.Array) -> Any:
+    """``fn(one_task, phi, k)`` for each of ``task.tasks.batch`` tasks drawn from ``key``,
+    one ``vmap``: its outputs with a leading task axis.
 
-    ``key`` splits into the draw of the tasks and one training key per task. ``fn``
-    returns ``(value, aux)`` or ``(value, grad, aux)``: the value and the gradient are
-    averaged over the tasks, and so is every entry of ``aux`` but :data:`PER_TASK`,
-    which keeps a leading task axis (each task's adapted weights).
+    ``key`` splits into the draw of the tasks and one training key per task; ``one_task``
+    is ``task`` with one drawn task's data (:meth:`hypergrad.Task.one`), so ``fn`` reads
+    it as ``one_task.train_data`` and ``one_task.val_data``.
     """
     tasks = task.tasks
     draw, run = jax.random.split(key)
     train, val = tasks.draws(draw)
     keys = jax.random.split(run, tasks.batch)
-    out = jax.vmap(lambda tr, va, k: fn(task.one(tr, va), phi, k))(train, val, keys)
-    *numbers, aux = out
+    return jax.vmap(lambda tr, va, k: fn(task.one(tr, va), phi, k))(train, val, keys)
+
+
+def mean(fn: Callable[..., Any], task: Any, phi: PyTree, key: jax.Array) -> Any:
+    """``fn(one_task, phi, k)`` over ``task.tasks.batch`` tasks drawn from ``key``
+    (:func:`each`), averaged.
+
+    ``fn`` returns ``(value, aux)`` or ``(value, grad, aux)``: the value and the gradient
+    are averaged over the tasks, and so is every entry of ``aux`` but :data:`PER_TASK`,
+    which keeps a leading task axis (each task's adapted weights).
+    """
+    *numbers, aux = each(fn, task, phi, key)
     average = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)  # noqa: E731
     aux = {k: v if k in PER_TASK else average(v) for k, v in aux.items()}
     return (*[average(x) for x in numbers], aux)

@@ -330,17 +330,16 @@ def meta_task(config: FewShotConfig, train_pool, method: str = "maml") -> tuple[
 
 def episode_scores(task: hg.Task, apply, phi, key: jax.Array) -> dict[str, jax.Array]:
     """Per episode of ``task.tasks`` drawn from ``key``: the query loss and accuracy after
-    adapting from ``phi`` (one ``vmap``)."""
-    draw, run = jax.random.split(key)
-    support, query = task.tasks.draws(draw)
-    keys = jax.random.split(run, task.tasks.batch)
+    adapting from ``phi`` (:func:`hypergrad.tasks.each`: the episodes and keys the
+    meta-objective draws from ``key``)."""
 
-    def one(tr, va, k):
-        value, aux = hg.unroll.objective(task.one(tr, va), phi, k)
-        return {"loss": value, "accuracy": hg.models.accuracy(apply(aux["params"], va[0]),
-                                                             va[1])}
+    def one(episode, phi, k):
+        value, aux = hg.unroll.objective(episode, phi, k)
+        images, labels = episode.val_data
+        return {"loss": value, "accuracy": hg.models.accuracy(apply(aux["params"], images),
+                                                             labels)}
 
-    return jax.vmap(one)(support, query, keys)
+    return hg.tasks.each(one, task, phi, key)
 
 
 def held_out(task: hg.Task, test_pool, episodes: int) -> hg.Task:
