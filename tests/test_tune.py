@@ -266,3 +266,4 @@ def test_a_second_tune_call_reuses_the_compiled_meta_step(caplog, explicit):
     assert first.count("Compiling jit(one)") >= 1  # the log sees them when they compile
     again = _compiled_programs(caplog, run(1))
     assert "Compiling jit(one)" not in again, again
+    assert "Compiling jit(build)" not in again, again  # the members' first states

@@ -17,6 +17,7 @@ while the best point is still chosen by the plain validation loss.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -398,13 +399,20 @@ def states(task: Task, estimator: Estimator, outer: optax.GradientTransformation
            phis: PyTree, keys: jax.Array, online: bool = False) -> TuneState:
     """The members' states before their first meta-step, at the stacked starts ``phis``
     with one raw key per member (:func:`hypergrad.population.member_keys`)."""
+    return _build(estimator, outer, online)(task, phis, keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _build(estimator: Estimator, outer: optax.GradientTransformation, online: bool):
+    """:func:`states` as one compiled program (run eagerly, the inits compile op by op,
+    once per leaf), kept per estimator, outer and mode like the meta-step, so that
+    another ``hg.tune`` call with them does not compile it again."""
     outer = optax.with_extra_args_support(outer)
 
-    # One compiled program: run eagerly, the inits compile op by op, once per leaf.
     @jax.jit
     def build(task, phis, keys):
         init = lambda p, k: init_state(task, estimator, outer, p,  # noqa: E731
                                        jax.random.wrap_key_data(k), online=online)
         return jax.vmap(init)(phis, keys)
 
-    return build(task, phis, keys)
+    return build
