@@ -91,7 +91,6 @@ def test_estimate_value_is_the_objective_value_for_the_same_key():
         np.testing.assert_allclose(est(task, phi, key)[0], value, rtol=1e-13)
 
 
-
 def test_each_gives_every_drawn_task_its_own_value_and_mean_averages_them():
     task = quad_task()
     phi, key = task.space.init(), jax.random.key(6)
@@ -109,6 +108,7 @@ def test_each_gives_every_drawn_task_its_own_value_and_mean_averages_them():
     np.testing.assert_allclose(out["w"], np.stack([p[3] for p in parts]), rtol=1e-12)
     value, _ = hg.tasks.mean(lambda t, p, k: hg.unroll.objective(t, p, k), task, phi, key)
     np.testing.assert_allclose(value, np.mean(out["value"]), rtol=1e-13)
+
 
 def sine_tasks(key):
     """Sinusoid regression (Finn et al. 2017), small: amplitude, phase, 5 shots."""

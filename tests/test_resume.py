@@ -40,7 +40,7 @@ def cli(*args, cwd):
     what the one before it compiled only if that one was killed before writing it (an
     entry cut short by the kill is read as a miss, with a warning, and compiled again)."""
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return subprocess.Popen([sys.executable, "-m", "hypergrad.cli", *args],
                             cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -197,10 +197,10 @@ def summary_of(history: History, space, meta: dict[str, Any], state, *, done: in
 
 
 def tune_in(workdir: str | os.PathLike, tune: Callable[..., History], *, save_every: int,
-            began: float, task, estimator,
-            outer, key: jax.Array, budget: float | None, meta_steps: int | None, strategy,
-            phi: PyTree | None, devices: int, online: bool, resample: bool, clip: float,
-            guard, callback: Callable | None, progress: bool, state, plan) -> History:
+            began: float, task, estimator, outer, key: jax.Array, budget: float | None,
+            meta_steps: int | None, strategy, phi: PyTree | None, devices: int,
+            online: bool, resample: bool, clip: float, guard, callback: Callable | None,
+            progress: bool, state, plan) -> History:
     """:func:`hypergrad.tune` with ``workdir``, its arguments checked and resolved (the
     strategy, estimator and outer optimizer chosen; ``meta_steps`` and ``budget`` as the
     loop reads them): a new run in a new or empty ``workdir``; the run there resumed from
@@ -263,10 +263,9 @@ def tune_in(workdir: str | os.PathLike, tune: Callable[..., History], *, save_ev
 
         with run.keeper:
             later = tune(task, estimator, outer, key=key, budget=left,
-                              meta_steps=meta_steps, strategy=strategy, phi=phi,
-                              devices=devices, online=online, resample=resample, clip=clip,
-                              guard=guard, callback=on_step, progress=progress,
-                              state=state, plan=plan)
+                         meta_steps=meta_steps, strategy=strategy, phi=phi, devices=devices,
+                         online=online, resample=resample, clip=clip, guard=guard,
+                         callback=on_step, progress=progress, state=state, plan=plan)
         return run.finish(later, records, devices)
 
 
